@@ -1,0 +1,242 @@
+"""Load and validate image.yaml and site.yaml against their JSON schemas.
+
+Every problem is reported at once, each naming the file, the key path and, for a misspelt
+key, the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from osimage.errors import ConfigError
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+DEFAULT_SITE: dict[str, Any] = {
+    "backend": "qemu",
+    "build_dir": "build",
+    "packer": {"binary": "packer"},
+    "qemu": {"accelerator": "auto", "binary": "qemu-system-x86_64", "headless": True},
+    "mirror": {"url": "mirror"},
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    path: Path | None
+    data: dict[str, Any]
+
+    @property
+    def backend(self) -> str:
+        return str(self.data["backend"])
+
+    @property
+    def packer_binary(self) -> str:
+        return str(self.data["packer"]["binary"])
+
+    @property
+    def mirror_url(self) -> str:
+        return str(self.data["mirror"]["url"])
+
+    @property
+    def build_dir(self) -> str:
+        return str(self.data["build_dir"])
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    directory: Path
+    data: dict[str, Any]
+    provisioner_names: list[str] = field(default_factory=list)
+
+    @property
+    def yaml_path(self) -> Path:
+        return self.directory / "image.yaml"
+
+
+@cache
+def load_schema(name: str) -> dict[str, Any]:
+    with (SCHEMA_DIR / f"{name}.schema.json").open() as f:
+        schema: dict[str, Any] = json.load(f)
+    return schema
+
+
+def display_path(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def read_yaml(path: Path, shown: str) -> Any:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{shown}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read: {e.strerror}") from None
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{shown}{where}: not valid YAML: {e.problem}") from None
+    except YAMLError as e:
+        raise ConfigError(f"{shown}: not valid YAML: {e}") from None
+
+
+def _key_path(parts: Any) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _schema_at(schema: dict[str, Any], parts: list[Any]) -> dict[str, Any]:
+    node = schema
+    for p in parts:
+        if isinstance(p, int):
+            node = node.get("items", {})
+        else:
+            node = node.get("properties", {}).get(p, {})
+    return node
+
+
+def _format_error(err: Any, schema: dict[str, Any]) -> list[str]:
+    """Turn one jsonschema error into user lines: 'key.path: what is wrong'."""
+    parts = list(err.absolute_path)
+    where = _key_path(parts)
+    v = err.validator
+    if v == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        lines = []
+        for key in extra:
+            near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (valid keys: {', '.join(allowed)})"
+            lines.append(f"{_key_path([*parts, key])}: unknown key '{key}'{hint}")
+        return lines
+    if v == "required":
+        missing = re.findall(r"'([^']+)' is a required property", err.message)
+        key = missing[0] if missing else err.message
+        return [f"{_key_path([*parts, key])}: missing required key '{key}'"]
+    if v == "type":
+        want = err.validator_value
+        want = " or ".join(want) if isinstance(want, list) else want
+        got = type(err.instance).__name__
+        got = {"str": "string", "int": "integer", "dict": "mapping", "list": "list",
+               "NoneType": "nothing", "bool": "boolean", "float": "number"}.get(got, got)
+        return [f"{where}: must be {'an' if want[0] in 'aeiou' else 'a'} {want}, not {got}"]
+    if v == "enum":
+        choices = ", ".join(repr(c) for c in err.validator_value)
+        near = difflib.get_close_matches(str(err.instance), [str(c) for c in err.validator_value],
+                                         n=1, cutoff=0.6)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        return [f"{where}: {err.instance!r} is not one of {choices}{hint}"]
+    if v == "pattern":
+        hint = _schema_at(schema, parts).get("x-hint") or f"must match {err.validator_value}"
+        return [f"{where}: {err.instance!r} is not valid: {hint}"]
+    if v in ("oneOf", "anyOf") and isinstance(err.instance, dict):
+        if parts == ["source"] or (parts and parts[-1] == "source"):
+            return [f"{where}: give exactly one of 'iso' or 'disk'"]
+        if parts and parts[0] == "provisioners":
+            return [f"{where}: a shell provisioner needs exactly one of 'script' or 'inline'"]
+    if v in ("minimum", "maximum", "minLength", "minItems"):
+        return [f"{where}: {err.message}"]
+    return [f"{where}: {err.message}"]
+
+
+def validate(data: Any, schema_name: str, shown: str) -> None:
+    """Check data against a schema; raise one ConfigError listing every problem."""
+    import jsonschema
+
+    schema = load_schema(schema_name)
+    if data is None:
+        data = {}
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)),
+                                                                 e.validator))
+    lines: list[str] = []
+    for err in errors:
+        # The if/then branches of a provisioner repeat what 'required' says; keep the inner error.
+        for line in _format_error(err, schema):
+            if line not in lines:
+                lines.append(line)
+    if lines:
+        first, *rest = (f"{shown}: {line}" for line in lines)
+        extra = f" (and {len(rest)} more problem{'s' if len(rest) > 1 else ''})" if rest else ""
+        raise ConfigError(first + extra, hint="\n".join(rest) if rest else None)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_site(root: Path, site_file: Path | None) -> Site:
+    """The site file given with --site, else site.yaml at the root, else the embedded defaults."""
+    path = site_file if site_file is not None else root / "site.yaml"
+    if site_file is None and not path.exists():
+        return Site(path=None, data=copy.deepcopy(DEFAULT_SITE))
+    shown = display_path(path, root)
+    data = read_yaml(path, shown)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{shown}: (top level): must be a mapping of settings")
+    validate(data, "site", shown)
+    return Site(path=path, data=_merge(DEFAULT_SITE, data))
+
+
+def list_images(root: Path) -> list[str]:
+    images = root / "images"
+    if not images.is_dir():
+        return []
+    return sorted(p.name for p in images.iterdir() if (p / "image.yaml").is_file())
+
+
+def load_image(root: Path, name: str) -> Image:
+    known = list_images(root)
+    if not IMAGE_NAME.match(name) or name not in known:
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'?" if near else f"known images: {', '.join(known) or 'none'}"
+        raise ConfigError(f"unknown image '{name}': no images/{name}/image.yaml ({hint})")
+    directory = root / "images" / name
+    shown = f"images/{name}/image.yaml"
+    data = read_yaml(directory / "image.yaml", shown)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{shown}: (top level): must be a mapping of settings")
+    validate(data, "image", shown)
+    names = [p["name"] for p in data["provisioners"]]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{shown}: provisioners: name '{dupes[0]}' is used twice")
+    for i, prov in enumerate(data["provisioners"]):
+        for key in ("script", "source", "playbook"):
+            if key in prov and not (directory / prov[key]).exists():
+                raise ConfigError(
+                    f"{shown}: provisioners[{i}].{key}: {prov[key]!r} does not exist in images/{name}/"
+                )
+    if "http_directory" in data and not (directory / data["http_directory"]).is_dir():
+        raise ConfigError(f"{shown}: http_directory: {data['http_directory']!r} is not a folder "
+                          f"in images/{name}/")
+    if "prepare" in data["source"] and not (root / data["source"]["prepare"]).is_file():
+        raise ConfigError(f"{shown}: source.prepare: {data['source']['prepare']!r} does not exist")
+    return Image(name=name, directory=directory, data=data, provisioner_names=names)

@@ -1,0 +1,55 @@
+"""The one small object the build's stages share."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from osimage.artifacts import Artifact
+from osimage.config import Image, Site
+from osimage.gitstate import GitState
+
+
+@dataclass
+class BuildContext:
+    root: Path
+    image: Image
+    site: Site
+    git: GitState
+    version: str
+    release: str | None
+    work_dir: Path
+    keep_failed: bool = False
+    run_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    accelerator: str = "tcg"
+    key_file: Path | None = None
+    hcl_file: Path | None = None
+    inputs_sha256: str = ""
+    source_url: str = ""
+    source_checksum: str = ""
+    build_time: int = 0
+    builder_type: str = ""
+    artifact_id: str = ""
+    artifacts: list[Artifact] = field(default_factory=list)
+    mirror_paths: list[str] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.work_dir / "output"
+
+    @property
+    def log_file(self) -> Path:
+        return self.work_dir / "packer.log"
+
+    @property
+    def packer_manifest(self) -> Path:
+        return self.work_dir / "packer-manifest.json"
+
+    @property
+    def image_manifest(self) -> Path:
+        return self.image.directory / "manifest.json"
+
+    @property
+    def mirror_dest(self) -> str:
+        return f"builds/{self.image.name}/{self.version}"

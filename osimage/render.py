@@ -1,0 +1,85 @@
+"""Render an image's Packer HCL from templates/ and check it: python-hcl2, then packer validate."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from osimage.errors import BuildError, ConfigError
+
+_TEMPLATE_SEQ = re.compile(r"([$%])\{")
+
+
+def hcl_value(value: Any) -> str:
+    """A Python value as an HCL literal. HCL strings are JSON strings in which ${ and %{ start
+    template sequences, so those are escaped as $${ and %%{."""
+    if isinstance(value, str):
+        return _TEMPLATE_SEQ.sub(lambda m: m.group(1) * 2 + "{", json.dumps(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(hcl_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{hcl_value(str(k))} = {hcl_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }"
+    if value is None:
+        return "null"
+    raise TypeError(f"no HCL literal for {type(value).__name__}")
+
+
+def environment(templates: Path) -> Any:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,  # noqa: S701 - the output is HCL, every value goes through |hcl
+    )
+    env.filters["hcl"] = hcl_value
+    return env
+
+
+def render(templates: Path, template: str, variables: dict[str, Any]) -> str:
+    import jinja2
+
+    try:
+        return str(environment(templates).get_template(template).render(**variables))
+    except jinja2.TemplateNotFound as e:
+        raise ConfigError(f"templates/{e.name}: template not found") from None
+    except jinja2.UndefinedError as e:
+        raise ConfigError(f"templates/{template}: {e.message}") from None
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"templates/{e.name or template}:{e.lineno}: {e.message}") from None
+
+
+def parse_hcl(text: str, shown: str) -> dict[str, Any]:
+    """Parse rendered HCL with python-hcl2; a template bug shows up here, before Packer runs."""
+    import hcl2
+
+    options = hcl2.SerializationOptions(strip_string_quotes=True, explicit_blocks=False,
+                                        with_comments=False)
+    try:
+        parsed: dict[str, Any] = hcl2.loads(text, serialization_options=options)
+    except Exception as e:  # python-hcl2 raises lark errors of many kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BuildError(f"{shown}: the rendered HCL does not parse: {first}",
+                         hint="this is a bug in templates/; render it with "
+                              "'./build.py render IMAGE' and read the file") from None
+    return parsed
+
+
+def sources_of(parsed: dict[str, Any]) -> list[tuple[str, str]]:
+    """(type, name) of each source block in parsed HCL."""
+    found: list[tuple[str, str]] = []
+    for block in parsed.get("source", []):
+        for kind, named in block.items():
+            for name in named:
+                found.append((kind.strip('"'), name.strip('"')))
+    return found

@@ -1,0 +1,230 @@
+"""The one way this project runs external commands.
+
+argv lists only (never a shell string), each command in its own process group, output
+streamed line by line to a callback and a log, Ctrl-C and SIGTERM forwarded to the whole
+group with escalation, and nothing of the group left running afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from osimage.errors import BuildError, Interrupted
+
+# After the first signal the command gets this long to clean up (packer stops qemu and deletes
+# its output), then SIGTERM, then SIGKILL: the whole stop stays well within 30 s.
+GRACE_SECONDS = 18.0
+TERM_SECONDS = 5.0
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    returncode: int
+    tail: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+class _StopRequest:
+    """Set by a signal handler: which signal arrived, when, and how many times."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.first_at = 0.0
+        self.count = 0
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self.first_at = time.monotonic()
+        self.count += 1
+
+
+_stop = _StopRequest()
+_depth = 0
+
+
+@contextlib.contextmanager
+def forwarded_signals() -> Iterator[_StopRequest]:
+    """While active, SIGINT/SIGTERM only record a stop request; the runner acts on it."""
+    global _depth
+    if threading.current_thread() is not threading.main_thread():
+        yield _stop
+        return
+    if _depth == 0:
+        _stop.signum, _stop.count = None, 0
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    _depth += 1
+    try:
+        yield _stop
+    finally:
+        _depth -= 1
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stop_requested() -> bool:
+    return _stop.signum is not None
+
+
+def check_interrupted() -> None:
+    """Raise Interrupted if a stop was requested between commands."""
+    if _stop.signum is not None:
+        name = signal.Signals(_stop.signum).name
+        raise Interrupted(f"interrupted by {name}; the build was stopped and cleaned up")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def reap_group(pgid: int, timeout: float = 5.0) -> None:
+    """Make sure no process of the group outlives the command (qemu children of packer)."""
+    if not group_alive(pgid):
+        return
+    kill_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    kill_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    log: IO[str] | None = None,
+    stdin_data: str | None = None,
+    check: bool = True,
+    what: str | None = None,
+    tail_lines: int = 30,
+) -> Result:
+    """Run argv in its own process group, streaming each output line to on_line and log.
+
+    A SIGINT/SIGTERM that arrives meanwhile is forwarded to the group as SIGINT, escalated to
+    SIGTERM and SIGKILL if the command does not stop, and then raised as Interrupted.
+    With check, a non-zero exit raises BuildError carrying the last lines of output.
+    """
+    args = [os.fspath(a) for a in argv]
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    tail: deque[str] = deque(maxlen=tail_lines)
+    with forwarded_signals() as stop:
+        check_interrupted()
+        try:
+            proc = subprocess.Popen(
+                args,
+                cwd=cwd,
+                env=full_env,
+                stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+                text=True,
+                errors="replace",
+                bufsize=1,
+            )
+        except FileNotFoundError:
+            raise BuildError(f"{args[0]}: command not found",
+                             hint=f"install {args[0]} or fix its path in the site file") from None
+        pgid = proc.pid
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                tail.append(line)
+                if log is not None:
+                    log.write(line + "\n")
+                    log.flush()
+                if on_line is not None:
+                    on_line(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        if stdin_data is not None:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(stdin_data)
+                proc.stdin.close()
+        forwarded = 0
+        escalated = 0
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if stop.signum is None:
+                    continue
+                waited = time.monotonic() - stop.first_at
+                if forwarded == 0:
+                    kill_group(pgid, signal.SIGINT)
+                    forwarded = 1
+                if escalated == 0 and (waited > GRACE_SECONDS or stop.count > 1):
+                    kill_group(pgid, signal.SIGTERM)
+                    escalated = 1
+                if escalated == 1 and waited > GRACE_SECONDS + TERM_SECONDS:
+                    kill_group(pgid, signal.SIGKILL)
+                    escalated = 2
+        finally:
+            if proc.poll() is None:
+                kill_group(pgid, signal.SIGKILL)
+                proc.wait()
+            reap_group(pgid)
+            reader.join(timeout=5)
+    result = Result(argv=args, returncode=proc.returncode, tail=list(tail))
+    check_interrupted()
+    if check and not result.ok:
+        name = what or os.path.basename(args[0])
+        raise BuildError(f"{name} failed with exit status {result.returncode}",
+                         hint="\n".join(result.tail[-15:]) or None)
+    return result
+
+
+def output(argv: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None,
+           what: str | None = None) -> str:
+    """Run a short command and return its stdout; stderr is shown only on failure."""
+    args = [os.fspath(a) for a in argv]
+    try:
+        proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise BuildError(f"{args[0]}: command not found") from None
+    if proc.returncode != 0:
+        name = what or " ".join(args[:2])
+        raise BuildError(f"{name} failed with exit status {proc.returncode}",
+                         hint=proc.stderr.strip()[-2000:] or None)
+    return proc.stdout

@@ -1,0 +1,291 @@
+#!/usr/bin/env bash
+# Build the source disk of images/smoke/: a tiny, bootable, byte-for-byte
+# reproducible Linux disk made only from Debian packages already on the host.
+#
+# Usage: scripts/make-smoke-disk.sh OUTDIR PUBKEY_FILE
+#   Writes OUTDIR/smoke.qcow2 and prints its sha256 and the p2 byte offset.
+#   PUBKEY_FILE is the OpenSSH public key (e.g. the build's temporary
+#   ed25519 key's .pub) that root may log in with.
+#
+# Host packages needed: linux-image-cloud-amd64, busybox-static, dropbear-bin,
+# openssh-client (scp), syslinux, syslinux-common, mtools, dosfstools,
+# e2fsprogs, fdisk, cpio, qemu-utils, gzip.
+# No root, loop devices or mounts are needed.
+#
+# Environment (optional):
+#   SOURCE_DATE_EPOCH  timestamp of every file and filesystem (default 1700000000)
+#   KERNEL_VERSION     e.g. 6.1.0-56-cloud-amd64 (default: newest /boot/vmlinuz-*-cloud-amd64)
+#
+# Disk layout (MBR, label-id 0x534d4b31, 128 MiB virtual):
+#   p1  sectors 2048..131071     (63 MiB)  FAT16 "SMOKEBOOT", active: syslinux,
+#                                          vmlinuz, initrd.gz, syslinux.cfg
+#   p2  sectors 131072..262143   (64 MiB)  ext4 "smoke-data", NO journal
+#       => p2 starts at byte 67108864 (= 64 MiB), a fixed constant.
+#
+# Inside the guest (all of it runs from the initramfs, root fs is a ramfs):
+#   * the data partition p2 (/dev/vda2, found by label smoke-data) is mounted
+#     at /data; a provisioner that writes /data/marker can be read back
+#     from the artifact with
+#        qemu-img convert -O raw ARTIFACT disk.raw
+#        debugfs -R 'cat /marker' 'disk.raw?offset=67108864'
+#   * eth0 gets its address by DHCP (udhcpc), dropbear listens on port 22,
+#     root logs in with the key from PUBKEY_FILE only; scp and /bin/sh exist,
+#     /tmp is writable (Packer 1.6.6 uploads scripts with scp to /tmp).
+#   * `poweroff` (busybox, PID 1 is busybox init) kills all processes, syncs,
+#     unmounts /data (or remounts it read-only) and powers the VM off. The
+#     ext4 has no journal, so whatever was synced is in place on disk.
+#     `sync; umount /data; poweroff -f` also works.
+set -euo pipefail
+
+die() { echo "make-smoke-disk: $*" >&2; exit 1; }
+
+[ $# -eq 2 ] || die "usage: $0 OUTDIR PUBKEY_FILE"
+OUTDIR=$1
+PUBKEY_FILE=$2
+[ -r "$PUBKEY_FILE" ] || die "cannot read public key file: $PUBKEY_FILE"
+
+export LC_ALL=C TZ=UTC
+umask 022
+
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000}
+export SOURCE_DATE_EPOCH
+export E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH
+export MTOOLS_SKIP_CHECK=1 MTOOLS_NO_VFAT=1
+
+# --- fixed layout (sectors of 512 bytes) -------------------------------------
+readonly SECTOR=512
+readonly P1_START=2048
+readonly P1_SIZE=129024          # 63 MiB
+readonly P2_START=131072         # 64 MiB => byte offset 67108864
+readonly P2_SIZE=131072          # 64 MiB
+readonly DISK_SECTORS=$((P2_START + P2_SIZE))
+readonly P1_OFFSET=$((P1_START * SECTOR))
+readonly P2_OFFSET=$((P2_START * SECTOR))
+readonly LABEL_ID=0x534d4b31     # "SMK1"
+readonly VFAT_ID=534D4B31
+readonly HASH_SEED=5a5a5a5a-1234-4321-8765-0123456789ab
+# Modules the cloud kernel has as modules, loaded in this order.
+readonly MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net"
+
+# --- locate inputs -----------------------------------------------------------
+if [ -z "${KERNEL_VERSION:-}" ]; then
+    KERNEL_VERSION=$(find /boot -maxdepth 1 -name 'vmlinuz-*-cloud-amd64' -printf '%f\n' \
+        | sed 's/^vmlinuz-//' | sort -V | tail -n 1)
+fi
+[ -n "$KERNEL_VERSION" ] || die "no /boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)"
+KERNEL=/boot/vmlinuz-$KERNEL_VERSION
+MODDIR=/lib/modules/$KERNEL_VERSION
+[ -r "$KERNEL" ] || die "cannot read $KERNEL"
+[ -d "$MODDIR" ] || die "no $MODDIR"
+
+BUSYBOX=/bin/busybox
+DROPBEAR=/usr/sbin/dropbear
+SCP=/usr/bin/scp
+MBR_BIN=/usr/lib/syslinux/mbr/mbr.bin
+for f in "$BUSYBOX" "$DROPBEAR" "$SCP" "$MBR_BIN"; do
+    [ -r "$f" ] || die "missing $f"
+done
+for t in sfdisk mkfs.vfat mkfs.ext4 syslinux mcopy cpio gzip qemu-img ldd; do
+    command -v "$t" >/dev/null || die "missing tool: $t"
+done
+"$BUSYBOX" --list-full >/dev/null 2>&1 || die "$BUSYBOX has no --list-full (install busybox-static)"
+
+mkdir -p "$OUTDIR"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/smoke-disk.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+ROOT=$WORK/initramfs
+mkdir -p "$ROOT"
+
+# --- initramfs tree ----------------------------------------------------------
+for d in bin sbin usr/bin usr/sbin etc etc/dropbear dev proc sys tmp run root root/.ssh \
+         data lib/modules var/log; do
+    mkdir -p "$ROOT/$d"
+done
+chmod 1777 "$ROOT/tmp"
+chmod 0700 "$ROOT/root" "$ROOT/root/.ssh" "$ROOT/etc/dropbear"
+
+install -m 0755 "$BUSYBOX" "$ROOT/bin/busybox"
+# Applet links, relative so they also work when the tree is inspected on the host.
+while read -r applet; do
+    [ "$applet" = bin/busybox ] && continue
+    if [ -e "$ROOT/$applet" ] || [ -L "$ROOT/$applet" ]; then continue; fi
+    mkdir -p "$ROOT/$(dirname "$applet")"
+    case $applet in
+        */*/*) ln -s ../../bin/busybox "$ROOT/$applet" ;;
+        *) ln -s ../bin/busybox "$ROOT/$applet" ;;
+    esac
+done < <("$BUSYBOX" --list-full | sort)
+
+# dropbear + scp and the shared libraries ldd lists (copied to the same paths).
+install -m 0755 "$DROPBEAR" "$ROOT/usr/sbin/dropbear"
+install -m 0755 "$SCP" "$ROOT/usr/bin/scp"
+ldd "$DROPBEAR" "$SCP" \
+    | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// && $2 ~ /^\(0x/ {print $1}' \
+    | sort -u \
+    | while read -r lib; do
+        mkdir -p "$ROOT$(dirname "$lib")"
+        cp -L "$lib" "$ROOT$lib"
+        chmod 0755 "$ROOT$lib"
+    done
+
+# kernel modules (decompressed if the kernel ships them compressed)
+for m in $MODULES; do
+    src=$(find "$MODDIR/kernel" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" | head -n 1)
+    [ -n "$src" ] || die "module $m not found under $MODDIR"
+    case $src in
+        *.ko) cp "$src" "$ROOT/lib/modules/$m.ko" ;;
+        *.xz) xz -dc "$src" >"$ROOT/lib/modules/$m.ko" ;;
+        *.zst) zstd -qdc "$src" >"$ROOT/lib/modules/$m.ko" ;;
+        *.gz) gzip -dc "$src" >"$ROOT/lib/modules/$m.ko" ;;
+    esac
+    chmod 0644 "$ROOT/lib/modules/$m.ko"
+done
+
+# users, ssh key
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$ROOT/etc/passwd"
+printf 'root:x:0:\n' >"$ROOT/etc/group"
+printf 'root:*:19000:0:99999:7:::\n' >"$ROOT/etc/shadow"
+chmod 0600 "$ROOT/etc/shadow"
+printf '/bin/sh\n' >"$ROOT/etc/shells"
+printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n' >"$ROOT/etc/nsswitch.conf"
+printf '127.0.0.1 localhost\n' >"$ROOT/etc/hosts"
+printf 'smoke\n' >"$ROOT/etc/hostname"
+grep -E '^(ssh-|ecdsa-|sk-)' "$PUBKEY_FILE" >"$ROOT/root/.ssh/authorized_keys" \
+    || die "$PUBKEY_FILE holds no OpenSSH public key"
+chmod 0600 "$ROOT/root/.ssh/authorized_keys"
+printf 'export PATH=/usr/sbin:/usr/bin:/sbin:/bin\n' >"$ROOT/etc/profile"
+
+# udhcpc hook: set the address and the default route.
+cat >"$ROOT/etc/udhcpc.script" <<'EOF'
+#!/bin/sh
+case "$1" in
+    deconfig)
+        ip addr flush dev "$interface"
+        ip link set "$interface" up
+        ;;
+    bound|renew)
+        ip addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        for r in $router; do
+            ip route add default via "$r" dev "$interface" && break
+        done
+        : >/etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+        ;;
+esac
+exit 0
+EOF
+chmod 0755 "$ROOT/etc/udhcpc.script"
+
+# /init: PID 1 until it execs busybox init.
+cat >"$ROOT/init" <<EOF
+#!/bin/sh
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts
+mount -t devpts -o gid=5,mode=620 devpts /dev/pts
+hostname -F /etc/hostname
+for m in $MODULES; do
+    insmod /lib/modules/\$m.ko || echo "smoke: insmod \$m failed"
+done
+# The data partition (p2, ext4, label smoke-data) is mounted at /data.
+i=0
+while :; do
+    dev=\$(findfs LABEL=smoke-data 2>/dev/null) && break
+    i=\$((i + 1))
+    [ \$i -ge 100 ] && break
+    sleep 0.1
+done
+if [ -n "\$dev" ] && mount -t ext4 -o rw "\$dev" /data; then
+    echo "smoke: \$dev mounted at /data"
+else
+    echo "smoke: data partition NOT mounted"
+fi
+ip link set lo up
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i + 1)); done
+udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 1 || echo "smoke: DHCP failed"
+dropbear -R -E -p 22
+echo "smoke: ready"
+exec /sbin/init
+EOF
+chmod 0755 "$ROOT/init"
+
+cat >"$ROOT/etc/inittab" <<'EOF'
+::shutdown:/etc/rc.shutdown
+ttyS0::askfirst:-/bin/sh
+::ctrlaltdel:/sbin/reboot
+EOF
+
+# Run by busybox init on poweroff/reboot before it kills everything itself.
+cat >"$ROOT/etc/rc.shutdown" <<'EOF'
+#!/bin/sh
+kill -TERM -1 2>/dev/null
+sleep 1
+kill -KILL -1 2>/dev/null
+sync
+umount /data 2>/dev/null || mount -o remount,ro /data 2>/dev/null
+sync
+echo "smoke: /data unmounted, powering off"
+EOF
+chmod 0755 "$ROOT/etc/rc.shutdown"
+
+find "$ROOT" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+(cd "$ROOT" && find . | sort | cpio --quiet --reproducible -o -H newc -R 0:0) \
+    | gzip -n -9 >"$WORK/initrd.gz"
+
+# --- boot files --------------------------------------------------------------
+cat >"$WORK/syslinux.cfg" <<'EOF'
+SERIAL 0 115200
+DEFAULT smoke
+PROMPT 0
+TIMEOUT 0
+LABEL smoke
+  LINUX /vmlinuz
+  INITRD /initrd.gz
+  APPEND console=tty0 console=ttyS0,115200n8 panic=10 quiet
+EOF
+cp "$KERNEL" "$WORK/vmlinuz"
+touch -d "@$SOURCE_DATE_EPOCH" "$WORK/vmlinuz" "$WORK/initrd.gz" "$WORK/syslinux.cfg"
+
+# --- disk --------------------------------------------------------------------
+DISK=$WORK/disk.raw
+truncate -s $((DISK_SECTORS * SECTOR)) "$DISK"
+sfdisk --quiet --no-reread --no-tell-kernel --wipe never "$DISK" >/dev/null <<EOF
+label: dos
+label-id: $LABEL_ID
+unit: sectors
+
+start=$P1_START, size=$P1_SIZE, type=6, bootable
+start=$P2_START, size=$P2_SIZE, type=83
+EOF
+
+# p1: FAT16 + syslinux
+# (--invariant must come before -i, or it resets the volume ID to 1234-ABCD;
+# mkfs.vfat warns "block count mismatch" because of --offset: expected.)
+mkfs.vfat --invariant -F 16 -n SMOKEBOOT -i "$VFAT_ID" -h "$P1_START" \
+    --offset "$P1_START" "$DISK" $((P1_SIZE * SECTOR / 1024)) 2>&1 >/dev/null \
+    | { grep -v '^Warning: block count mismatch' >&2 || true; }
+syslinux --offset "$P1_OFFSET" --install "$DISK"
+for f in vmlinuz initrd.gz syslinux.cfg; do
+    mcopy -m -o -i "$DISK@@$P1_OFFSET" "$WORK/$f" "::/$f"
+done
+
+# p2: ext4 without journal, fixed UUID (null) and hash seed, no -d.
+mkfs.ext4 -q -F -L smoke-data -U clear -m 0 -b 4096 -O ^has_journal \
+    -E "offset=$P2_OFFSET,hash_seed=$HASH_SEED,root_owner=0:0,nodiscard,lazy_itable_init=0" \
+    "$DISK" $((P2_SIZE * SECTOR / 1024))k
+
+# MBR boot code into the first 440 bytes (keeps the partition table).
+dd if="$MBR_BIN" of="$DISK" bs=440 count=1 conv=notrunc status=none
+
+qemu-img convert -f raw -O qcow2 "$DISK" "$WORK/smoke.qcow2"
+mv -f "$WORK/smoke.qcow2" "$OUTDIR/smoke.qcow2"
+
+sum=$(sha256sum "$OUTDIR/smoke.qcow2" | cut -d' ' -f1)
+echo "smoke disk: $OUTDIR/smoke.qcow2"
+echo "sha256: $sum"
+echo "kernel: $KERNEL_VERSION"
+echo "p2 offset: $P2_OFFSET bytes (sector $P2_START); data partition is mounted at /data in the guest"
