@@ -9,6 +9,7 @@ from pathlib import Path
 from osimage.artifacts import Artifact
 from osimage.config import Image, Site
 from osimage.gitstate import GitState
+from osimage.ui import Reporter
 
 
 @dataclass
@@ -21,6 +22,7 @@ class BuildContext:
     release: str | None
     work_dir: Path
     keep_failed: bool = False
+    reporter: Reporter = field(default_factory=lambda: Reporter(quiet=True))
     run_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     accelerator: str = "tcg"
     key_file: Path | None = None

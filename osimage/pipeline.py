@@ -1,0 +1,375 @@
+"""A build as a flat list of named steps; each is printed with its time.
+
+Resources (the work directory's lock, the temporary SSH key, Packer's output) are registered in
+one ExitStack as they are made, so a failure or an interrupt anywhere cleans up the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from osimage import __version__, accel, artifacts, config, gitstate, manifest, packer, render
+from osimage import runner
+from osimage.context import BuildContext
+from osimage.errors import BuildError, ConfigError, FactoryError
+from osimage.mirror import open_mirror
+from osimage.ui import Reporter
+
+Step = Callable[[BuildContext, contextlib.ExitStack], None]
+
+
+@dataclass
+class BuildOptions:
+    image: str
+    release: str | None = None
+    skip_commit: bool = False
+    site_file: Path | None = None
+    keep_failed: bool = False
+    publish: bool = True
+
+
+# --- preparing -------------------------------------------------------------------------------
+
+
+def prepare(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
+    """Everything checked before a build may start: config, image, git state, version."""
+    # Nothing is printed before the configuration is known to be good.
+    site = config.load_site(root, opts.site_file)
+    image = config.load_image(root, opts.image)
+    state = gitstate.read_state(root)
+    gitstate.require_clean(state, opts.skip_commit)
+    version = gitstate.version_for(state, opts.release)
+    packer.check_version(site.packer_binary)
+    build_dir = Path(site.build_dir)
+    if not build_dir.is_absolute():
+        build_dir = root / build_dir
+    ctx = BuildContext(root=root, image=image, site=site, git=state, version=version,
+                       release=opts.release, work_dir=build_dir / image.name / version,
+                       keep_failed=opts.keep_failed, reporter=reporter)
+    reporter.info(f"    image {image.name}, version {version}, commit {state.short}"
+                  f"{' (dirty)' if state.dirty else ''}")
+    if state.dirty:
+        reporter.warn(f"building from a dirty tree ({len(state.dirty_files)} changed "
+                      f"files): the version is marked -dirty")
+    return ctx
+
+
+@contextlib.contextmanager
+def work_dir_lock(ctx: BuildContext, reporter: Reporter) -> Iterator[None]:
+    """One build at a time per image version: a second build of the same version waits."""
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(ctx.work_dir) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        reporter.info(f"    waiting for the other build of {ctx.image.name} {ctx.version} "
+                      f"({ctx.work_dir}.lock)")
+        while True:
+            runner.check_interrupted()
+            with contextlib.suppress(Timeout):
+                lock.acquire(timeout=0.5)
+                break
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _resolve_location(root: Path, value: str) -> str:
+    if "://" in value:
+        return value
+    path = Path(value)
+    return str(path if path.is_absolute() else root / path)
+
+
+def _run_prepare(ctx: BuildContext, script: Path, target: Path, reporter: Reporter) -> None:
+    stamp = target.parent / ".prepare-stamp"
+    script_hash = hashlib.sha256(script.read_bytes()).hexdigest()
+    if target.exists() and stamp.exists() and stamp.read_text().strip() == script_hash:
+        return
+    reporter.info(f"    making {target.name} with {script.relative_to(ctx.root)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (ctx.work_dir / "prepare.log").open("w") as log:
+        runner.run([script, target.parent], cwd=ctx.root, log=log, what=script.name)
+    if not target.exists():
+        raise BuildError(f"{script.relative_to(ctx.root)} did not make {target}")
+    stamp.write_text(script_hash + "\n")
+
+
+def step_source(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    src = ctx.image.data["source"]
+    location = src.get("disk") or src["iso"]
+    shown = f"images/{ctx.image.name}/image.yaml"
+    if "prepare" in src:
+        if "://" in location:
+            raise ConfigError(f"{shown}: source.prepare needs a local path, not {location!r}")
+        _run_prepare(ctx, ctx.root / src["prepare"], Path(_resolve_location(ctx.root, location)),
+                     ctx.reporter)
+    ctx.source_url = _resolve_location(ctx.root, location)
+    checksum: str = src["checksum"]
+    if checksum.startswith("file:"):
+        ref = checksum.removeprefix("file:")
+        if "://" in ref:
+            ctx.source_checksum = checksum  # Packer fetches and checks it
+        else:
+            path = Path(_resolve_location(ctx.root, ref))
+            try:
+                text = path.read_text()
+            except OSError:
+                raise ConfigError(f"{shown}: source.checksum: cannot read {ref}") from None
+            digest = artifacts.parse_checksum_file(text, Path(location).name)
+            if digest is None:
+                raise ConfigError(f"{shown}: source.checksum: no sha256 for "
+                                  f"{Path(location).name} in {ref}")
+            ctx.source_checksum = f"sha256:{digest}"
+    else:
+        ctx.source_checksum = checksum
+    if "://" not in ctx.source_url and not Path(ctx.source_url).exists():
+        raise ConfigError(f"{shown}: source: {location} does not exist")
+
+
+def inputs_hash(ctx: BuildContext) -> str:
+    """sha256 over what decides the image: its folder, templates/, the source checksum."""
+    h = hashlib.sha256()
+    folders = [ctx.image.directory, ctx.root / "templates"]
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.name not in ("manifest.json", "manifest.json.lock"):
+                h.update(str(path.relative_to(ctx.root)).encode() + b"\0")
+                h.update(path.read_bytes() + b"\0")
+    h.update(ctx.source_checksum.encode())
+    return h.hexdigest()
+
+
+def step_key(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    """The build's temporary SSH key: made for this build only, deleted when it ends."""
+    key_dir = Path(tempfile.mkdtemp(prefix=f"osimage-{ctx.image.name}-key-"))
+    stack.callback(shutil.rmtree, key_dir, True)
+    key = key_dir / "id_ed25519"
+    runner.output(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                   f"osimage-build-{ctx.run_uuid[:8]}", "-f", str(key)], what="ssh-keygen")
+    ctx.key_file = key
+
+
+def template_variables(ctx: BuildContext) -> dict[str, Any]:
+    data = ctx.image.data
+    img_dir = ctx.image.directory
+    provisioners = []
+    env = {"OSIMAGE_IMAGE": ctx.image.name, "OSIMAGE_VERSION": ctx.version,
+           "OSIMAGE_COMMIT": ctx.git.commit}
+    for prov in data["provisioners"]:
+        p = dict(prov)
+        for key in ("script", "source", "playbook"):
+            if key in p:
+                p[key] = str(img_dir / p[key])
+        merged = {**env, **prov.get("environment", {})}
+        p["env_list"] = [f"{k}={v}" for k, v in sorted(merged.items())]
+        provisioners.append(p)
+    assert ctx.key_file is not None
+    qemu = ctx.site.data["qemu"]
+    ssh = data.get("ssh", {})
+    outputs = data["outputs"]["disk"]
+    return {
+        "name": ctx.image.name,
+        "version": ctx.version,
+        "source_url": ctx.source_url,
+        "source_checksum": ctx.source_checksum,
+        "disk_image": "disk" in data["source"],
+        "accelerator": ctx.accelerator,
+        "qemu_binary": qemu["binary"],
+        "headless": qemu["headless"],
+        "memory": data["memory"],
+        "cpus": data["cpus"],
+        "disk_size": data["disk_size"],
+        "format": outputs.get("format", "qcow2"),
+        "output_dir": str(ctx.output_dir),
+        "vm_name": f"{ctx.image.name}.{outputs.get('format', 'qcow2')}",
+        "boot_wait": data.get("boot_wait", "5s"),
+        "boot_command": data.get("boot_command", []),
+        "http_directory": str(img_dir / data["http_directory"]) if "http_directory" in data
+        else None,
+        "ssh_username": ssh.get("username", "root"),
+        "ssh_timeout": ssh.get("timeout", "10m"),
+        "ssh_key_file": str(ctx.key_file),
+        "ssh_public_key_file": str(ctx.key_file) + ".pub",
+        "shutdown_command": data.get("shutdown_command", "shutdown -P now"),
+        "provisioners": provisioners,
+        "packer_manifest": str(ctx.packer_manifest),
+        "custom_data": {"image": ctx.image.name, "version": ctx.version,
+                        "git_commit": ctx.git.commit},
+    }
+
+
+def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    ctx.accelerator = accel.resolve(ctx.site.data["qemu"]["accelerator"], ctx.work_dir.parent.parent,
+                                    ctx.site.data["qemu"]["binary"])
+    text = render.render(ctx.root / "templates", f"{ctx.site.backend}.pkr.hcl.j2",
+                         template_variables(ctx))
+    hcl = ctx.work_dir / f"{ctx.image.name}.pkr.hcl"
+    hcl.write_text(text)
+    ctx.hcl_file = hcl
+    parsed = render.parse_hcl(text, str(hcl.relative_to(ctx.root)))
+    if not render.sources_of(parsed):
+        raise BuildError(f"{hcl}: the rendered HCL has no source block")
+    # Packer refuses to validate or build into an output directory that already exists.
+    shutil.rmtree(ctx.output_dir, ignore_errors=True)
+    ctx.packer_manifest.unlink(missing_ok=True)
+    packer.validate(ctx.site.packer_binary, hcl, ctx.work_dir)
+    ctx.inputs_sha256 = inputs_hash(ctx)
+    ctx.reporter.info(f"    rendered {hcl.relative_to(ctx.root)} (accelerator {ctx.accelerator})")
+
+
+def step_packer(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    assert ctx.hcl_file is not None
+
+    def drop_output() -> None:
+        if not ctx.keep_failed:
+            shutil.rmtree(ctx.output_dir, ignore_errors=True)
+
+    # Until the artifacts are recorded, a failure must not leave a half-made output behind.
+    output_guard = stack.enter_context(contextlib.ExitStack())
+    output_guard.callback(drop_output)
+    env = {"PACKER_LOG": "1", "PACKER_LOG_PATH": str(ctx.work_dir / "packer-debug.log"),
+           "CHECKPOINT_DISABLE": "1", "PACKER_NO_COLOR": "1"}
+    argv = [ctx.site.packer_binary, "build", "-machine-readable"]
+    if ctx.keep_failed:
+        argv.append("-on-error=abort")
+    argv.append(ctx.hcl_file.name)
+    started = time.time()
+    with ctx.log_file.open("w") as log:
+        progress = packer.BuildProgress(log=log, on_step=ctx.reporter.substep)
+        result = runner.run(argv, cwd=ctx.work_dir, env=env, on_line=progress.feed, check=False)
+    ctx.reporter.stop_substeps()
+    if not result.ok:
+        tail = "\n".join(progress.text_tail[-15:])
+        first = progress.errors[-1].splitlines()[0] if progress.errors else "see the log"
+        raise BuildError(f"packer build failed: {first} (log: {ctx.log_file})", hint=tail)
+    ctx.build_time = int(started)
+    ctx.artifact_id = progress.artifact_id
+    found = _packer_files(ctx)
+    if not found:
+        raise BuildError(f"packer build made no artifact in {ctx.output_dir}")
+    ctx.builder_type = _packer_builder_type(ctx)
+    ctx.artifacts = [artifacts.Artifact(path=p, size=0, sha256="") for p in found]
+    output_guard.pop_all()
+    stack.callback(_drop_unrecorded_output, ctx)
+
+
+def _drop_unrecorded_output(ctx: BuildContext) -> None:
+    if not ctx.mirror_paths and not ctx.keep_failed:
+        shutil.rmtree(ctx.output_dir, ignore_errors=True)
+
+
+def _packer_files(ctx: BuildContext) -> list[Path]:
+    import json
+
+    try:
+        data = json.loads(ctx.packer_manifest.read_text())
+        names = [f["name"] for b in data["builds"] for f in b["files"]]
+    except (OSError, ValueError, KeyError):
+        names = []
+    paths = [Path(n) if Path(n).is_absolute() else ctx.work_dir / n for n in names]
+    if not paths and ctx.output_dir.is_dir():
+        paths = sorted(p for p in ctx.output_dir.iterdir() if p.is_file())
+    return [p for p in paths if p.is_file()]
+
+
+def _packer_builder_type(ctx: BuildContext) -> str:
+    import json
+
+    try:
+        return str(json.loads(ctx.packer_manifest.read_text())["builds"][-1]["builder_type"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return ctx.site.backend
+
+
+def step_checksums(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    ctx.artifacts = [artifacts.record(a.path) for a in ctx.artifacts]
+    for a in ctx.artifacts:
+        ctx.reporter.info(f"    {a.name}: {a.size / 2**20:.1f} MiB, sha256 {a.sha256}")
+
+
+def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    mirror = open_mirror(ctx.site.mirror_url, ctx.root)
+    ctx.mirror_paths = mirror.publish(ctx.artifacts, ctx.mirror_dest)
+    ctx.reporter.info(f"    {mirror.describe()}: {ctx.mirror_dest}/")
+
+
+def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
+    return {
+        "name": ctx.image.name,
+        "builder_type": ctx.builder_type,
+        "build_time": ctx.build_time,
+        "files": [{"name": a.name, "size": a.size} for a in ctx.artifacts],
+        "artifact_id": ctx.artifact_id or ctx.image.name,
+        "packer_run_uuid": ctx.run_uuid,
+        "custom_data": {
+            "version": ctx.version,
+            "release": ctx.release,
+            "git_commit": ctx.git.commit,
+            "dirty": ctx.git.dirty,
+            "sha256": {a.name: a.sha256 for a in ctx.artifacts},
+            "mirror_path": ctx.mirror_dest,
+            "inputs_sha256": ctx.inputs_sha256,
+            "accelerator": ctx.accelerator,
+            "osimage_version": __version__,
+        },
+    }
+
+
+def step_manifest(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    manifest.append_build(ctx.image_manifest, manifest_entry(ctx))
+    ctx.reporter.info(f"    recorded run {ctx.run_uuid} in "
+                   f"{ctx.image_manifest.relative_to(ctx.root)}")
+
+
+BUILD_STEPS: list[tuple[str, Step]] = [
+    ("prepare source", step_source),
+    ("make build key", step_key),
+    ("render and validate HCL", step_render),
+    ("packer build", step_packer),
+    ("hash artifacts", step_checksums),
+    ("publish to mirror", step_publish),
+    ("record in manifest.json", step_manifest),
+]
+
+def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
+    t0 = time.monotonic()
+    with runner.forwarded_signals():
+        ctx = prepare(root, opts, reporter)
+        steps = BUILD_STEPS if opts.publish else [s for s in BUILD_STEPS
+                                                  if s[1] is not step_publish]
+        with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
+            for name, step in steps:
+                runner.check_interrupted()
+                with reporter.step(name):
+                    step(ctx, stack)
+    reporter.info(f"built {ctx.image.name} {ctx.version} in {time.monotonic() - t0:.1f} s: "
+                  f"{', '.join(ctx.mirror_paths[::2]) or ctx.output_dir}")
+    return ctx
+
+
+def render_only(root: Path, opts: BuildOptions, reporter: Reporter) -> Path:
+    """./build.py render IMAGE: render and validate, no build; the git tree may be dirty."""
+    opts.skip_commit = True
+    with runner.forwarded_signals():
+        ctx = prepare(root, opts, reporter)
+        with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
+            for name, step in BUILD_STEPS[:3]:
+                with reporter.step(name):
+                    step(ctx, stack)
+    assert ctx.hcl_file is not None
+    return ctx.hcl_file
+
+
+__all__ = ["BuildOptions", "FactoryError", "render_only", "run_build"]
