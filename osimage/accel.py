@@ -19,7 +19,7 @@ from pathlib import Path
 
 from osimage.errors import ConfigError
 
-PROBE_TIMEOUT = 8.0
+PROBE_TIMEOUT = 4.0
 
 # mov dx,0x3f8; mov al,'K'; out dx,al; mov dx,0xf4; mov al,0; out dx,al; hlt; jmp $-1
 _CODE = bytes.fromhex("baf803b04beebaf400b000eef4ebfd")
@@ -36,6 +36,10 @@ def _boot_id() -> str:
 def kvm_usable(qemu: str = "qemu-system-x86_64", timeout: float = PROBE_TIMEOUT) -> bool:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
+    modules = Path("/sys/module")
+    if (modules / "kvm_pvm").exists() and not any(
+            (modules / m).exists() for m in ("kvm_intel", "kvm_amd")):
+        return False  # nested "PVM" KVM: its API works, but real guests stop on emulation errors
     kernels = sorted(Path("/boot").glob("vmlinuz-*"))
     with tempfile.TemporaryDirectory(prefix="osimage-kvm-") as tmp:
         argv = [qemu, "-accel", "kvm", "-nodefaults", "-display", "none", "-serial", "stdio",
@@ -66,8 +70,14 @@ def kvm_usable(qemu: str = "qemu-system-x86_64", timeout: float = PROBE_TIMEOUT)
         return proc.returncode == expect_rc and expect_out in out
 
 
-def resolve(wanted: str, cache_dir: Path, qemu: str = "qemu-system-x86_64") -> str:
+def cache_home() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "osimage"
+
+
+def resolve(wanted: str, qemu: str = "qemu-system-x86_64", cache_dir: Path | None = None) -> str:
     """'kvm' or 'tcg' for the site's setting ('auto', 'kvm' or 'tcg')."""
+    cache_dir = cache_dir or cache_home()
     if wanted == "tcg":
         return "tcg"
     if wanted == "kvm":
@@ -75,7 +85,7 @@ def resolve(wanted: str, cache_dir: Path, qemu: str = "qemu-system-x86_64") -> s
             raise ConfigError("qemu.accelerator: 'kvm' but /dev/kvm is missing or not writable",
                               hint="set qemu.accelerator to 'auto' or 'tcg' in the site file")
         return "kvm"
-    cache = cache_dir / ".accelerator.json"
+    cache = cache_dir / "accelerator.json"
     boot = _boot_id()
     with contextlib.suppress(OSError, ValueError, KeyError):
         cached = json.loads(cache.read_text())

@@ -37,7 +37,7 @@ def hash_file(path: Path, chunk: int = CHUNK) -> tuple[int, str]:
     size = 0
     with path.open("rb", buffering=0) as f:
         while True:
-            n = f.readinto(buf)  # type: ignore[attr-defined]
+            n = f.readinto(buf)
             if not n:
                 break
             h.update(view[:n])

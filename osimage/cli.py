@@ -19,7 +19,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class ImageGroup(click.Group):
-    """A group whose first argument may be an image name: `build.py smoke` = `build.py build smoke`."""
+    """A group whose first argument may be an image: `build.py smoke` is `build.py build smoke`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and not args[0].startswith("-") and args[0] not in self.commands:

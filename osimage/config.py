@@ -125,7 +125,8 @@ def _format_error(err: Any, schema: dict[str, Any]) -> list[str]:
         lines = []
         for key in extra:
             near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-            hint = f" (did you mean '{near[0]}'?)" if near else f" (valid keys: {', '.join(allowed)})"
+            hint = (f" (did you mean '{near[0]}'?)" if near
+                    else f" (valid keys: {', '.join(allowed)})")
             lines.append(f"{_key_path([*parts, key])}: unknown key '{key}'{hint}")
         return lines
     if v == "required":
@@ -216,7 +217,8 @@ def load_image(root: Path, name: str) -> Image:
     known = list_images(root)
     if not IMAGE_NAME.match(name) or name not in known:
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-        hint = f"did you mean '{near[0]}'?" if near else f"known images: {', '.join(known) or 'none'}"
+        hint = (f"did you mean '{near[0]}'?" if near
+                else f"known images: {', '.join(known) or 'none'}")
         raise ConfigError(f"unknown image '{name}': no images/{name}/image.yaml ({hint})")
     directory = root / "images" / name
     shown = f"images/{name}/image.yaml"
@@ -232,7 +234,8 @@ def load_image(root: Path, name: str) -> Image:
         for key in ("script", "source", "playbook"):
             if key in prov and not (directory / prov[key]).exists():
                 raise ConfigError(
-                    f"{shown}: provisioners[{i}].{key}: {prov[key]!r} does not exist in images/{name}/"
+                    f"{shown}: provisioners[{i}].{key}: {prov[key]!r} does not exist in "
+                    f"images/{name}/"
                 )
     if "http_directory" in data and not (directory / data["http_directory"]).is_dir():
         raise ConfigError(f"{shown}: http_directory: {data['http_directory']!r} is not a folder "

@@ -86,10 +86,11 @@ class BuildProgress:
             for piece in text.splitlines() or [""]:
                 self._text(piece)
             if level == "say" and text.lstrip().startswith("==>"):
-                step = text.split(":", 1)[-1].strip()
-                self.steps.append((time.monotonic(), step))
-                if self.on_step is not None:
-                    self.on_step(step)
+                step = text.split(":", 1)[-1].strip() if ":" in text else text[3:].strip()
+                if step and not step.startswith("Wait completed"):
+                    self.steps.append((time.monotonic(), step))
+                    if self.on_step is not None:
+                        self.on_step(step)
             if level == "error":
                 self.errors.append(text.strip())
         elif parsed.kind == "artifact" and len(parsed.data) >= 3:
@@ -101,6 +102,6 @@ class BuildProgress:
     def _text(self, text: str) -> None:
         self.log.write(text + "\n")
         self.log.flush()
-        self.text_tail = (self.text_tail + [text])[-40:]
+        self.text_tail = [*self.text_tail, text][-40:]
         if self.on_text is not None:
             self.on_text(text)

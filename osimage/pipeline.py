@@ -18,8 +18,17 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from osimage import __version__, accel, artifacts, config, gitstate, manifest, packer, render
-from osimage import runner
+from osimage import (
+    __version__,
+    accel,
+    artifacts,
+    config,
+    gitstate,
+    manifest,
+    packer,
+    render,
+    runner,
+)
 from osimage.context import BuildContext
 from osimage.errors import BuildError, ConfigError, FactoryError
 from osimage.mirror import open_mirror
@@ -211,8 +220,8 @@ def template_variables(ctx: BuildContext) -> dict[str, Any]:
 
 
 def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    ctx.accelerator = accel.resolve(ctx.site.data["qemu"]["accelerator"], ctx.work_dir.parent.parent,
-                                    ctx.site.data["qemu"]["binary"])
+    qemu = ctx.site.data["qemu"]
+    ctx.accelerator = accel.resolve(qemu["accelerator"], qemu["binary"])
     text = render.render(ctx.root / "templates", f"{ctx.site.backend}.pkr.hcl.j2",
                          template_variables(ctx))
     hcl = ctx.work_dir / f"{ctx.image.name}.pkr.hcl"
@@ -240,7 +249,8 @@ def step_packer(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     output_guard = stack.enter_context(contextlib.ExitStack())
     output_guard.callback(drop_output)
     env = {"PACKER_LOG": "1", "PACKER_LOG_PATH": str(ctx.work_dir / "packer-debug.log"),
-           "CHECKPOINT_DISABLE": "1", "PACKER_NO_COLOR": "1"}
+           "CHECKPOINT_DISABLE": "1", "PACKER_NO_COLOR": "1",
+           "PACKER_CACHE_DIR": str(ctx.work_dir / "packer_cache")}
     argv = [ctx.site.packer_binary, "build", "-machine-readable"]
     if ctx.keep_failed:
         argv.append("-on-error=abort")
@@ -259,7 +269,10 @@ def step_packer(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     found = _packer_files(ctx)
     if not found:
         raise BuildError(f"packer build made no artifact in {ctx.output_dir}")
-    ctx.builder_type = _packer_builder_type(ctx)
+    record = _packer_build_record(ctx)
+    ctx.builder_type = str(record.get("builder_type", ctx.site.backend))
+    ctx.build_time = int(record.get("build_time", ctx.build_time))
+    ctx.artifact_id = str(record.get("artifact_id", ctx.artifact_id))
     ctx.artifacts = [artifacts.Artifact(path=p, size=0, sha256="") for p in found]
     output_guard.pop_all()
     stack.callback(_drop_unrecorded_output, ctx)
@@ -284,13 +297,14 @@ def _packer_files(ctx: BuildContext) -> list[Path]:
     return [p for p in paths if p.is_file()]
 
 
-def _packer_builder_type(ctx: BuildContext) -> str:
+def _packer_build_record(ctx: BuildContext) -> dict[str, Any]:
     import json
 
     try:
-        return str(json.loads(ctx.packer_manifest.read_text())["builds"][-1]["builder_type"])
+        record: dict[str, Any] = json.loads(ctx.packer_manifest.read_text())["builds"][-1]
     except (OSError, ValueError, KeyError, IndexError):
-        return ctx.site.backend
+        return {}
+    return record
 
 
 def step_checksums(ctx: BuildContext, stack: contextlib.ExitStack) -> None:

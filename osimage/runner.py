@@ -46,6 +46,7 @@ class _StopRequest:
         self.signum: int | None = None
         self.first_at = 0.0
         self.count = 0
+        self.depth = 0
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
@@ -55,24 +56,22 @@ class _StopRequest:
 
 
 _stop = _StopRequest()
-_depth = 0
 
 
 @contextlib.contextmanager
 def forwarded_signals() -> Iterator[_StopRequest]:
     """While active, SIGINT/SIGTERM only record a stop request; the runner acts on it."""
-    global _depth
     if threading.current_thread() is not threading.main_thread():
         yield _stop
         return
-    if _depth == 0:
+    if _stop.depth == 0:
         _stop.signum, _stop.count = None, 0
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    _depth += 1
+    _stop.depth += 1
     try:
         yield _stop
     finally:
-        _depth -= 1
+        _stop.depth -= 1
         for s, h in old.items():
             signal.signal(s, h)
 

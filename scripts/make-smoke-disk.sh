@@ -2,10 +2,15 @@
 # Build the source disk of images/smoke/: a tiny, bootable, byte-for-byte
 # reproducible Linux disk made only from Debian packages already on the host.
 #
-# Usage: scripts/make-smoke-disk.sh OUTDIR PUBKEY_FILE
-#   Writes OUTDIR/smoke.qcow2 and prints its sha256 and the p2 byte offset.
-#   PUBKEY_FILE is the OpenSSH public key (e.g. the build's temporary
-#   ed25519 key's .pub) that root may log in with.
+# Usage: scripts/make-smoke-disk.sh OUTDIR [PUBKEY_FILE]
+#   Writes OUTDIR/smoke.qcow2 and OUTDIR/smoke.qcow2.sha256 (sha256sum format)
+#   and prints the sha256 and the p2 byte offset.
+#   PUBKEY_FILE is an OpenSSH public key (e.g. the build's temporary ed25519
+#   key's .pub) baked into root's authorized_keys. Without it the disk holds no
+#   key (and does not change from build to build): the guest then takes root's
+#   keys at boot from the QEMU fw_cfg item opt/osimage/authorized_keys, i.e.
+#     qemu ... -fw_cfg name=opt/osimage/authorized_keys,file=KEY.pub
+#   (both sources are used when both are present).
 #
 # Host packages needed: linux-image-cloud-amd64, busybox-static, dropbear-bin,
 # openssh-client (scp), syslinux, syslinux-common, mtools, dosfstools,
@@ -29,7 +34,8 @@
 #        qemu-img convert -O raw ARTIFACT disk.raw
 #        debugfs -R 'cat /marker' 'disk.raw?offset=67108864'
 #   * eth0 gets its address by DHCP (udhcpc), dropbear listens on port 22,
-#     root logs in with the key from PUBKEY_FILE only; scp and /bin/sh exist,
+#     root logs in with the key(s) from PUBKEY_FILE and/or fw_cfg only (no
+#     password); scp and /bin/sh exist,
 #     /tmp is writable (Packer 1.6.6 uploads scripts with scp to /tmp).
 #   * `poweroff` (busybox, PID 1 is busybox init) kills all processes, syncs,
 #     unmounts /data (or remounts it read-only) and powers the VM off. The
@@ -39,10 +45,12 @@ set -euo pipefail
 
 die() { echo "make-smoke-disk: $*" >&2; exit 1; }
 
-[ $# -eq 2 ] || die "usage: $0 OUTDIR PUBKEY_FILE"
+[ $# -eq 1 ] || [ $# -eq 2 ] || die "usage: $0 OUTDIR [PUBKEY_FILE]"
 OUTDIR=$1
-PUBKEY_FILE=$2
-[ -r "$PUBKEY_FILE" ] || die "cannot read public key file: $PUBKEY_FILE"
+PUBKEY_FILE=${2:-}
+if [ -n "$PUBKEY_FILE" ] && [ ! -r "$PUBKEY_FILE" ]; then
+    die "cannot read public key file: $PUBKEY_FILE"
+fi
 
 export LC_ALL=C TZ=UTC
 umask 022
@@ -64,8 +72,10 @@ readonly P2_OFFSET=$((P2_START * SECTOR))
 readonly LABEL_ID=0x534d4b31     # "SMK1"
 readonly VFAT_ID=534D4B31
 readonly HASH_SEED=5a5a5a5a-1234-4321-8765-0123456789ab
-# Modules the cloud kernel has as modules, loaded in this order.
-readonly MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net"
+# Modules the cloud kernel has as modules, loaded in this order (qemu_fw_cfg:
+# /sys/firmware/qemu_fw_cfg, for the authorized_keys handed over by fw_cfg).
+readonly MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net qemu_fw_cfg"
+readonly FW_CFG_KEYS=/sys/firmware/qemu_fw_cfg/by_name/opt/osimage/authorized_keys/raw
 
 # --- locate inputs -----------------------------------------------------------
 if [ -z "${KERNEL_VERSION:-}" ]; then
@@ -150,8 +160,11 @@ printf '/bin/sh\n' >"$ROOT/etc/shells"
 printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n' >"$ROOT/etc/nsswitch.conf"
 printf '127.0.0.1 localhost\n' >"$ROOT/etc/hosts"
 printf 'smoke\n' >"$ROOT/etc/hostname"
-grep -E '^(ssh-|ecdsa-|sk-)' "$PUBKEY_FILE" >"$ROOT/root/.ssh/authorized_keys" \
-    || die "$PUBKEY_FILE holds no OpenSSH public key"
+: >"$ROOT/root/.ssh/authorized_keys"
+if [ -n "$PUBKEY_FILE" ]; then
+    grep -E '^(ssh-|ecdsa-|sk-)' "$PUBKEY_FILE" >"$ROOT/root/.ssh/authorized_keys" \
+        || die "$PUBKEY_FILE holds no OpenSSH public key"
+fi
 chmod 0600 "$ROOT/root/.ssh/authorized_keys"
 printf 'export PATH=/usr/sbin:/usr/bin:/sbin:/bin\n' >"$ROOT/etc/profile"
 
@@ -190,6 +203,12 @@ hostname -F /etc/hostname
 for m in $MODULES; do
     insmod /lib/modules/\$m.ko || echo "smoke: insmod \$m failed"
 done
+# root's keys handed over by qemu -fw_cfg name=opt/osimage/authorized_keys,file=KEY.pub
+if [ -r $FW_CFG_KEYS ]; then
+    cat $FW_CFG_KEYS >>/root/.ssh/authorized_keys
+    echo >>/root/.ssh/authorized_keys
+    echo "smoke: authorized_keys from fw_cfg"
+fi
 # The data partition (p2, ext4, label smoke-data) is mounted at /data.
 i=0
 while :; do
@@ -282,9 +301,10 @@ mkfs.ext4 -q -F -L smoke-data -U clear -m 0 -b 4096 -O ^has_journal \
 dd if="$MBR_BIN" of="$DISK" bs=440 count=1 conv=notrunc status=none
 
 qemu-img convert -f raw -O qcow2 "$DISK" "$WORK/smoke.qcow2"
+sum=$(sha256sum "$WORK/smoke.qcow2" | cut -d' ' -f1)
 mv -f "$WORK/smoke.qcow2" "$OUTDIR/smoke.qcow2"
-
-sum=$(sha256sum "$OUTDIR/smoke.qcow2" | cut -d' ' -f1)
+printf '%s  smoke.qcow2\n' "$sum" >"$OUTDIR/smoke.qcow2.sha256.tmp"
+mv -f "$OUTDIR/smoke.qcow2.sha256.tmp" "$OUTDIR/smoke.qcow2.sha256"
 echo "smoke disk: $OUTDIR/smoke.qcow2"
 echo "sha256: $sum"
 echo "kernel: $KERNEL_VERSION"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine (as root) for osimage: the tools a build runs (packer, qemu,
+# the smoke disk's ingredients), the servers the tests start (sshd, libvirtd, registry), and
+# the Python package with its dependencies. Safe to run again; it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    git packer qemu-system-x86 qemu-utils openssh-client openssh-server rsync
+    # the smoke image's source disk (scripts/make-smoke-disk.sh)
+    linux-image-cloud-amd64 busybox-static dropbear-bin syslinux syslinux-common mtools
+    dosfstools e2fsprogs fdisk cpio gzip xz-utils zstd
+    # libvirt backend (the Python binding builds from source against it)
+    libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
+    # checking what we ship
+    shellcheck
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: missing Debian packages: ${missing[*]} (run as root)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e '.[test,libvirt]'
+echo "setup: done"
