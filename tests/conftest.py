@@ -1,0 +1,97 @@
+"""Shared fixtures: a throwaway clone of the project to build in, and helpers to run build.py.
+
+Each test that builds gets its own git repository (a copy of the project's tracked files,
+committed), so dirty-tree checks, manifest.json and the mirror are the test's own. The smoke
+source disk is made once per session and copied in, since it is the same bytes every time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "-C", str(PROJECT), "ls-files", "-z", "--cached", "--others",
+                          "--exclude-standard"], check=True, capture_output=True, text=True)
+    files = [f for f in out.stdout.split("\0") if f and (PROJECT / f).is_file()]
+    # A developer's own build records are not part of the project.
+    return [f for f in files if not (f.startswith("images/") and f.endswith("/manifest.json"))]
+
+
+def make_repo(dest: Path) -> Path:
+    for rel in tracked_files():
+        src = PROJECT / rel
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "config", "user.email", "test@osimage.invalid")
+    git(dest, "config", "user.name", "osimage tests")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "test fixture")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def smoke_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke source disk, made once by the project's own script."""
+    out = tmp_path_factory.mktemp("smoke-sources")
+    subprocess.run([str(PROJECT / "scripts" / "make-smoke-disk.sh"), str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+@pytest.fixture
+def repo(tmp_path: Path, smoke_sources: Path) -> Path:
+    """A committed clone of the project with the smoke source disk already prepared."""
+    root = make_repo(tmp_path / "repo")
+    sources = root / "build" / "sources" / "smoke"
+    shutil.copytree(smoke_sources, sources)
+    script = root / "scripts" / "make-smoke-disk.sh"
+    import hashlib
+
+    (sources / ".prepare-stamp").write_text(hashlib.sha256(script.read_bytes()).hexdigest() + "\n")
+    return root
+
+
+def build_py(repo: Path, *args: str, timeout: float = 240,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the repo's own ./build.py as a user would; capture what they would see."""
+    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
+    full_env.pop("OSIMAGE_ROOT", None)
+    return subprocess.run([sys.executable, str(repo / "build.py"), *args], cwd=repo,
+                          capture_output=True, text=True, timeout=timeout, env=full_env,
+                          stdin=subprocess.DEVNULL)
+
+
+def qemu_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+@pytest.fixture
+def no_leftover_qemu() -> Iterator[None]:
+    before = qemu_pids()
+    yield
+    left = qemu_pids() - before
+    assert not left, f"qemu processes left behind: {left}"
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes (for 'nothing changed on disk')."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".git" not in p.relative_to(root).parts}
