@@ -41,6 +41,9 @@ def dumps(data: dict[str, Any]) -> str:
 def update(path: Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """Read, change and atomically rewrite the manifest while holding its lock."""
     with lock_for(path):
+        # Under the lock, a temp file can only be left by a writer that was killed.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         new = change(read(path))
         atomic_write_text(path, dumps(new))
         return new

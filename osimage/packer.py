@@ -94,8 +94,8 @@ class BuildProgress:
             if level == "error":
                 self.errors.append(text.strip())
         elif parsed.kind == "artifact" and len(parsed.data) >= 3:
-            if parsed.data[1] == "file":
-                self.artifact_files.append(parsed.data[2])
+            if parsed.data[1] == "file" and len(parsed.data) >= 4:  # 0,file,INDEX,PATH
+                self.artifact_files.append(parsed.data[3])
             elif parsed.data[1] == "id":
                 self.artifact_id = parsed.data[2]
 

@@ -10,13 +10,17 @@ from typing import Any
 from osimage.errors import BuildError, ConfigError
 
 _TEMPLATE_SEQ = re.compile(r"([$%])\{")
+# HCL knows \n \r \t \" \\ and \uNNNN; JSON's \b and \f would not parse.
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
 
 
 def hcl_value(value: Any) -> str:
     """A Python value as an HCL literal. HCL strings are JSON strings in which ${ and %{ start
     template sequences, so those are escaped as $${ and %%{."""
     if isinstance(value, str):
-        return _TEMPLATE_SEQ.sub(lambda m: m.group(1) * 2 + "{", json.dumps(value))
+        body = "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or c == "\x7f"
+                                           else c) for c in value)
+        return '"' + _TEMPLATE_SEQ.sub(lambda m: m.group(1) * 2 + "{", body) + '"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
