@@ -114,6 +114,142 @@ def list_cmd() -> None:
         click.echo(f"{name:20} {desc}".rstrip())
 
 
+mirror_url_option = click.option(
+    "--mirror-url", metavar="URL",
+    help="Mirror to check files against: an http(s):// base, or a local folder (default: the "
+         "site's mirror.http, else its local mirror folder).")
+
+
+@cli.group("release")
+def release_group() -> None:
+    """Record, check and compare releases in manifests/manifest.yaml.
+
+    \b
+    Examples:
+      ./build.py release record 2.4.0          latest clean build of every image
+      ./build.py release set 2.4.0 smoke --version gabc1234567
+      ./build.py release verify 2.4.0          every file on the mirror, size and sha256
+      ./build.py release diff 2.3.0 2.4.0
+    """
+
+
+@release_group.command("record")
+@click.argument("name", metavar="RELEASE")
+@click.argument("images", nargs=-1, metavar="[IMAGE]...")
+@click.option("--force", is_flag=True, help="Record the release again if it exists.")
+@mirror_url_option
+@site_option
+def release_record_cmd(name: str, images: tuple[str, ...], force: bool, mirror_url: str | None,
+                       site_file: Path | None) -> None:
+    """Record RELEASE from the latest clean build of each IMAGE (default: every image), read
+    from images/IMAGE/manifest.json, once each file matches the mirror."""
+    from osimage import release
+
+    root = project_root()
+    reader = release.open_reader(root, site_file, mirror_url)
+    rel = release.record(root, name, images, force, reader, _reporter().info)
+    click.echo(release.show_release(rel))
+    click.echo(f"recorded release {name} in {release.MANIFEST}")
+
+
+@release_group.command("set")
+@click.argument("name", metavar="RELEASE")
+@click.argument("image")
+@click.option("--version", "version", metavar="V",
+              help="The build of IMAGE with this version (default: its latest clean build).")
+@click.option("--commit", metavar="SHA",
+              help="By hand: the commit the files were built from (needs --version, --file).")
+@click.option("--file", "files", multiple=True, metavar="PATH",
+              help="By hand: a file of the entry, a name in builds/IMAGE/V/ or a mirror path "
+                   "(repeatable).")
+@click.option("--sha256", "sha256s", multiple=True, metavar="HEX",
+              help="By hand: the sha256 each --file must have on the mirror, in order.")
+@click.option("--force", is_flag=True, help="Replace the release's entry for IMAGE if it exists.")
+@mirror_url_option
+@site_option
+def release_set_cmd(name: str, image: str, version: str | None, commit: str | None,
+                    files: tuple[str, ...], sha256s: tuple[str, ...], force: bool,
+                    mirror_url: str | None, site_file: Path | None) -> None:
+    """Set IMAGE's entry of RELEASE: from a build in images/IMAGE/manifest.json, or by hand
+    with --commit, --version and --file."""
+    from osimage import release
+    from osimage.errors import ConfigError
+
+    root = project_root()
+    reader = release.open_reader(root, site_file, mirror_url)
+    if commit is None:
+        if files or sha256s:
+            raise ConfigError("--file and --sha256 set an entry by hand: give --commit and "
+                              "--version too")
+        entry = release.entry_from_build(root, image, version)
+    else:
+        if version is None:
+            raise ConfigError("--commit sets an entry by hand: give --version and --file too")
+        entry = release.entry_by_hand(root, image, version, commit, files, sha256s, reader)
+    rel = release.set_image(root, name, image, entry, force, reader, _reporter().info)
+    click.echo(release.show_release(rel))
+    click.echo(f"set {image} {entry.version} in release {name} of {release.MANIFEST}")
+
+
+@release_group.command("verify")
+@click.argument("name", metavar="RELEASE")
+@mirror_url_option
+@site_option
+def release_verify_cmd(name: str, mirror_url: str | None, site_file: Path | None) -> None:
+    """Check every file of RELEASE on the mirror (size and sha256); exit 1 on any mismatch."""
+    from osimage import release
+
+    root = project_root()
+    rel = release.load(root).get(name)
+    reader = release.open_reader(root, site_file, mirror_url)
+    rows = release.verify(rel, reader)
+    click.echo(release.verify_table(rows))
+    click.echo(release.require_verified(rel, rows, reader))
+
+
+@release_group.command("show")
+@click.argument("name", metavar="[RELEASE]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print RELEASE as JSON.")
+def release_show_cmd(name: str | None, as_json: bool) -> None:
+    """List the releases, or show RELEASE's images and files."""
+    from osimage import release
+    from osimage.errors import ConfigError
+
+    m = release.load(project_root())
+    if name is None:
+        if as_json:
+            raise ConfigError("--json: name the release to print")
+        click.echo(release.show_list(m))
+    else:
+        rel = m.get(name)
+        click.echo(release.release_json(rel) if as_json else release.show_release(rel))
+
+
+@release_group.command("diff")
+@click.argument("old", metavar="A")
+@click.argument("new", metavar="B")
+def release_diff_cmd(old: str, new: str) -> None:
+    """What changed from release A to release B, image by image."""
+    from osimage import release
+
+    m = release.load(project_root())
+    for line in release.diff(m.get(old), m.get(new)):
+        click.echo(line)
+
+
+@cli.command("tidy")
+@click.argument("images", nargs=-1, metavar="[IMAGE]...")
+@click.option("--check", is_flag=True,
+              help="Change nothing; exit 1 unless each manifest.json is tidy (for CI, hooks).")
+def tidy_cmd(images: tuple[str, ...], check: bool) -> None:
+    """Reduce images/IMAGE/manifest.json (default: every image's) to its latest clean build."""
+    from osimage import tidy
+
+    root = project_root()
+    for line in (tidy.check if check else tidy.tidy)(root, images):
+        click.echo(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status instead of exiting."""
     args = list(sys.argv[1:] if argv is None else argv)

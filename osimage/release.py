@@ -1,0 +1,700 @@
+"""manifests/manifest.yaml: which build of each image makes up a release.
+
+    releases:
+      2.4.0:
+        patches: {path: repos/Rocky8/..., sha256: ...}   # optional, or null
+        images:
+          rocky8-base:
+            version: 2.4.0
+            git_commit: <40 hex digits>
+            files:
+              - {path: builds/rocky8-base/2.4.0/rocky8-base.qcow2, size: ..., sha256: ...}
+
+An image entry lists files, so the exports of an image (rootfs, oci, squashfs) can join its disk
+later. Edits go through ruamel.yaml's round trip, so comments, key order and formatting outside
+the edited entry stay byte for byte; they are written atomically under a lock. Nothing enters
+the file unless every file it names is on the mirror with the recorded size and sha256.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import json
+import re
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from filelock import FileLock, Timeout
+
+from osimage import config, manifest
+from osimage.artifacts import CHUNK, ThreadedHasher, hash_file
+from osimage.errors import ConfigError, FactoryError
+from osimage.fsutil import atomic_write_text
+from osimage.gitstate import RELEASE
+from osimage.tidy import is_clean, latest_clean, manifest_path
+
+MANIFEST = "manifests/manifest.yaml"
+EMPTY = "releases: {}\n"
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+HTTP_TIMEOUT = (10.0, 60.0)  # connect, between two reads
+UNKNOWN_SIZE = -1  # a patch tarball's size is optional
+
+
+class ReleaseError(FactoryError):
+    """A release could not be recorded or does not match the mirror; nothing was written."""
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+    kind: str | None = None
+
+    def to_yaml(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
+        if self.kind is not None:
+            out["kind"] = self.kind
+        return out
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    version: str
+    git_commit: str
+    files: tuple[FileEntry, ...]
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {"version": self.version, "git_commit": self.git_commit,
+                "files": [f.to_yaml() for f in self.files]}
+
+
+@dataclass(frozen=True)
+class Patches:
+    path: str
+    sha256: str
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    images: dict[str, ImageEntry]
+    patches: Patches | None = None
+    description: str | None = None
+
+    def files(self) -> Iterator[tuple[str, FileEntry]]:
+        """(image, file) for every file the release names; the patch tarball as '(patches)'."""
+        for image, entry in self.images.items():
+            for f in entry.files:
+                yield image, f
+        if self.patches is not None:
+            size = UNKNOWN_SIZE if self.patches.size is None else self.patches.size
+            yield "(patches)", FileEntry(self.patches.path, size, self.patches.sha256)
+
+
+def _image_entry(data: Mapping[str, Any]) -> ImageEntry:
+    files = tuple(FileEntry(path=str(f["path"]), size=int(f["size"]), sha256=str(f["sha256"]),
+                            kind=f.get("kind")) for f in data["files"])
+    return ImageEntry(version=str(data["version"]), git_commit=str(data["git_commit"]),
+                      files=files)
+
+
+@dataclass
+class ReleaseManifest:
+    """The parsed file: the round-trip document (for edits) and its path."""
+
+    path: Path
+    doc: Any = field(repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.doc["releases"])
+
+    def get(self, name: str) -> Release:
+        releases = self.doc["releases"]
+        if name not in releases:
+            near = difflib.get_close_matches(name, self.names, n=1, cutoff=0.5)
+            hint = (f"did you mean '{near[0]}'?" if near
+                    else f"releases: {', '.join(self.names) or 'none yet'}")
+            raise ConfigError(f"{MANIFEST}: no release '{name}' ({hint})")
+        data = releases[name]
+        p = data.get("patches")
+        patches = None if p is None else Patches(str(p["path"]), str(p["sha256"]), p.get("size"))
+        return Release(name=name, patches=patches, description=data.get("description"),
+                       images={str(k): _image_entry(v) for k, v in data["images"].items()})
+
+    def image(self, release: str, image: str) -> ImageEntry:
+        """One image's entry (e.g. the rocky8-base disk a usb-installer build starts from)."""
+        entry = self.get(release).images.get(image)
+        if entry is None:
+            raise ConfigError(f"{MANIFEST}: release '{release}' has no image '{image}'")
+        return entry
+
+
+# --- reading and writing the file --------------------------------------------------------------
+
+
+def _yaml() -> Any:
+    from ruamel.yaml import YAML
+
+    yaml = YAML()  # round trip: comments, order and quoting survive
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 4096
+    yaml.preserve_quotes = True
+    # 'patches: null' stays null: ruamel writes None as an empty value otherwise
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return yaml
+
+
+def _parse(text: str) -> Any:
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        doc = _yaml().load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{MANIFEST}{where}: not valid YAML: {e.problem}") from None
+    except YAMLError as e:
+        raise ConfigError(f"{MANIFEST}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{MANIFEST}: (top level): must be a mapping with 'releases'")
+    _check_keys(doc)
+    config.validate(doc, "release", MANIFEST)
+    for name, rel in doc["releases"].items():
+        for image, entry in rel["images"].items():
+            if entry["version"].endswith("-dirty"):
+                raise ConfigError(f"{MANIFEST}: releases.{name}.images.{image}.version: "
+                                  f"{entry['version']!r} is a -dirty build: never in a release")
+    return doc
+
+
+def _check_keys(doc: Mapping[str, Any]) -> None:
+    """Release and image names must be strings: YAML reads an unquoted 2.4 as a number."""
+    releases = doc.get("releases")
+    if not isinstance(releases, dict):
+        return
+    for name, rel in releases.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"{MANIFEST}: releases.{name}: a release name must be a string "
+                              f"(write '{name}' in quotes)")
+        images = rel.get("images") if isinstance(rel, dict) else None
+        for image in images or {}:
+            if not isinstance(image, str):
+                raise ConfigError(f"{MANIFEST}: releases.{name}.images.{image}: an image name "
+                                  f"must be a string")
+
+
+def load(root: Path) -> ReleaseManifest:
+    path = root / MANIFEST
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = EMPTY
+    except OSError as e:
+        raise ConfigError(f"{MANIFEST}: cannot read: {e.strerror}") from None
+    return ReleaseManifest(path=path, doc=_parse(text))
+
+
+def dumps(doc: Any) -> str:
+    out = io.StringIO()
+    _yaml().dump(doc, out)
+    return out.getvalue()
+
+
+def lock_for(root: Path) -> FileLock:
+    """The lock of manifest.yaml. It lives in the git directory: a lock file in manifests/
+    would be an untracked file, and an untracked file makes the next build -dirty."""
+    proc = subprocess.run(["git", "-C", str(root), "rev-parse", "--git-path",
+                           "osimage-manifest.yaml.lock"], capture_output=True, text=True,
+                          check=False, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise ConfigError(f"{root}: not inside a git repository")
+    lock = Path(proc.stdout.strip())
+    return FileLock(str(lock if lock.is_absolute() else root / lock),
+                    timeout=manifest.LOCK_TIMEOUT)
+
+
+def edit(root: Path, change: Callable[[Any], None]) -> str:
+    """Re-read, change and atomically rewrite manifest.yaml while holding its lock."""
+    lock = lock_for(root)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ReleaseError(f"{MANIFEST}: still locked by another command after "
+                           f"{manifest.LOCK_TIMEOUT:.0f} s ({lock.lock_file})") from None
+    try:
+        current = load(root)
+        # Under the lock, a temp file can only be left by a writer that was killed.
+        for stale in current.path.parent.glob(f".{current.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        change(current.doc)
+        text = dumps(current.doc)
+        _parse(text)  # never write a file the next command would refuse to read
+        atomic_write_text(current.path, text)
+        return text
+    finally:
+        lock.release()
+
+
+def _assign(old: Any, new: Any) -> None:
+    """Make the round-trip node old equal new in place: kept keys and items keep their
+    comments and style (a comment is stored with the node that precedes it)."""
+    if isinstance(old, dict):
+        for key in [k for k in old if k not in new]:
+            del old[key]
+        keys: Iterator[Any] = iter(new)
+    else:
+        del old[len(new):]
+        keys = iter(range(len(new)))
+    for key in keys:
+        value = new[key]
+        exists = key in old if isinstance(old, dict) else key < len(old)
+        if exists and _same_shape(old[key], value):
+            _assign(old[key], value)
+        elif not exists and isinstance(old, list):
+            old.append(_commented(value))
+        elif not exists or old[key] != value:
+            old[key] = _commented(value)
+
+
+def _same_shape(old: Any, new: Any) -> bool:
+    return (isinstance(old, dict) and isinstance(new, Mapping)) or \
+        (isinstance(old, list) and isinstance(new, list))
+
+
+def _commented(value: Any) -> Any:
+    """Fresh round-trip nodes for plain data (shared ones would be dumped as YAML aliases)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(value, Mapping):
+        return CommentedMap((k, _commented(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return CommentedSeq(_commented(v) for v in value)
+    return value
+
+
+def check_release_name(name: str) -> None:
+    if not RELEASE.match(name):
+        raise ConfigError(f"release {name!r} is not a valid release name",
+                          hint="letters, digits, '.', '_', '+' and '-', e.g. 2.4.0")
+
+
+# --- the mirror --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the mirror holds at a path: size and sha256, or why it could not tell."""
+
+    size: int | None = None
+    sha256: str | None = None
+    problem: str | None = None
+
+    def mismatch(self, expected: FileEntry) -> str | None:
+        if self.problem is not None:
+            return self.problem
+        if expected.size not in (UNKNOWN_SIZE, self.size):
+            return f"size {self.size} on the mirror, {expected.size} recorded"
+        if self.sha256 is not None and self.sha256 != expected.sha256:
+            return f"sha256 {self.sha256[:12]}... on the mirror, {expected.sha256[:12]}... recorded"
+        return None
+
+
+class MirrorReader(Protocol):
+    def describe(self) -> str: ...
+
+    def measure(self, path: str, size: int | None = None) -> Measured:
+        """Size and sha256 of path on the mirror; the body is skipped when its length is not
+        the expected size."""
+        ...
+
+
+@dataclass
+class HttpMirror:
+    base: str
+    _session: Any = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        return f"mirror {self.base}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base.rstrip('/')}/{quote(path)}"
+
+    def measure(self, path: str, size: int | None = None) -> Measured:
+        import requests
+        import urllib3
+
+        if self._session is None:
+            self._session = requests.Session()
+        url = self.url(path)
+        try:
+            with self._session.get(url, stream=True, timeout=HTTP_TIMEOUT) as r:
+                if r.status_code == 404:
+                    return Measured(problem="missing on the mirror")
+                if r.status_code != 200:
+                    return Measured(problem=f"HTTP {r.status_code} {r.reason}")
+                length = r.headers.get("Content-Length", "")
+                if size not in (None, UNKNOWN_SIZE) and length.isdigit() and int(length) != size:
+                    return Measured(size=int(length))
+                hasher = ThreadedHasher()
+                try:
+                    # the bytes as stored: never undo a Content-Encoding before hashing
+                    for block in r.raw.stream(CHUNK, decode_content=False):
+                        hasher.update(block)
+                finally:
+                    digest = hasher.hexdigest()
+                return Measured(size=hasher.size, sha256=digest)
+        except requests.ConnectionError as e:
+            raise ReleaseError(f"{self.describe()}: cannot connect to get {path}: "
+                               f"{_reason(e)}") from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            raise ReleaseError(f"{self.describe()}: reading {path} failed: {_reason(e)}") from None
+
+
+def _reason(e: BaseException) -> str:
+    while e.__context__ is not None and not str(e):
+        e = e.__context__
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[-200:]
+
+
+@dataclass
+class LocalMirror:
+    root: Path
+
+    def describe(self) -> str:
+        return f"local mirror {self.root}"
+
+    def measure(self, path: str, size: int | None = None) -> Measured:
+        target = self.root / path
+        try:
+            stored = target.stat().st_size
+            if size not in (None, UNKNOWN_SIZE) and stored != size:
+                return Measured(size=stored)
+            got, digest = hash_file(target)
+        except FileNotFoundError:
+            return Measured(problem="missing on the mirror")
+        except OSError as e:
+            return Measured(problem=f"cannot read: {e.strerror}")
+        return Measured(size=got, sha256=digest)
+
+
+def open_reader(root: Path, site_file: Path | None, mirror_url: str | None) -> MirrorReader:
+    """--mirror-url, else the site's mirror.http, else its local mirror folder."""
+    url = mirror_url
+    if url is None:
+        site = config.load_site(root, site_file)
+        url = site.data["mirror"].get("http") or site.mirror_url
+        if "://" in url and not url.startswith(("http://", "https://", "file://")):
+            raise ConfigError(f"mirror.url {url!r} cannot be read for verification",
+                              hint="set mirror.http in the site file, or pass --mirror-url")
+    if url.startswith(("http://", "https://")):
+        return HttpMirror(url)
+    path = Path(url.removeprefix("file://"))
+    return LocalMirror(path if path.is_absolute() else root / path)
+
+
+def _require_on_mirror(image: str, entry: ImageEntry, reader: MirrorReader,
+                       say: Callable[[str], None]) -> None:
+    bad = []
+    for f in entry.files:
+        got = reader.measure(f.path, f.size)
+        problem = got.mismatch(f)
+        if problem is not None:
+            bad.append(f"{f.path}: {problem}")
+        else:
+            say(f"    {image}: {f.path} matches {reader.describe()} ({f.size} bytes)")
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ReleaseError(f"{image}: {bad[0]}{more}; not recorded",
+                           hint="\n".join(bad[1:]) or "publish the build again, or rebuild it")
+
+
+# --- record and set ----------------------------------------------------------------------------
+
+
+def _entry_from_build(root: Path, image: str, version: str | None) -> ImageEntry:
+    path = manifest_path(root, image)
+    shown = f"images/{image}/manifest.json"
+    builds = manifest.read(path)["builds"]
+    if version is None:
+        build = latest_clean(builds)
+        if build is None:
+            n = len(builds)
+            what = f"{n} build{'s' if n > 1 else ''}, none clean" if n else "no builds"
+            raise ReleaseError(f"{shown}: no clean build of {image} to record ({what})",
+                               hint=f"commit, then ./build.py {image} --release X")
+    else:
+        same = [b for b in builds if (b.get("custom_data") or {}).get("version") == version]
+        if not same:
+            known = [str((b.get("custom_data") or {}).get("version")) for b in builds]
+            raise ConfigError(f"{shown}: no build of {image} with version {version!r} "
+                              f"(versions: {', '.join(dict.fromkeys(known)) or 'none'})")
+        build = same[-1]
+        if not is_clean(build):
+            raise ReleaseError(f"{shown}: build {version} of {image} is from a dirty tree "
+                               f"(-dirty); a release takes clean builds only")
+    data = build["custom_data"]
+    files = []
+    for f in build.get("files") or []:
+        name = str(f.get("name", ""))
+        digest = (data.get("sha256") or {}).get(name)
+        if not digest or "mirror_path" not in data or "size" not in f:
+            raise ReleaseError(f"{shown}: build {data['version']} of {image} does not record "
+                               f"the size, sha256 and mirror_path of {name or 'its files'}")
+        files.append(FileEntry(path=f"{data['mirror_path']}/{Path(name).name}",
+                               size=int(f["size"]), sha256=str(digest)))
+    if not files:
+        raise ReleaseError(f"{shown}: build {data['version']} of {image} has no files")
+    return ImageEntry(version=str(data["version"]), git_commit=str(data["git_commit"]),
+                      files=tuple(files))
+
+
+def _select_images(root: Path, images: Sequence[str]) -> list[str]:
+    known = config.list_images(root)
+    for name in images:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = f"did you mean '{near[0]}'?" if near else f"known images: {', '.join(known)}"
+            raise ConfigError(f"unknown image '{name}': no images/{name}/image.yaml ({hint})")
+    chosen = list(dict.fromkeys(images)) or known
+    if not chosen:
+        raise ConfigError("no images to record: images/ holds no image.yaml")
+    return chosen
+
+
+def record(root: Path, name: str, images: Sequence[str], force: bool, reader: MirrorReader,
+           say: Callable[[str], None]) -> Release:
+    """Make release name from the latest clean build of each image (all images by default)."""
+    check_release_name(name)
+    chosen = _select_images(root, images)
+    _refuse_existing(load(root).doc, name, None, force)
+    entries = {image: _entry_from_build(root, image, None) for image in chosen}
+    for image, entry in entries.items():
+        _require_on_mirror(image, entry, reader, say)
+
+    def change(doc: Any) -> None:
+        _refuse_existing(doc, name, None, force)
+        releases = doc["releases"]
+        new = {image: e.to_yaml() for image, e in entries.items()}
+        if name in releases:
+            _assign(releases[name]["images"], new)  # keeps its patches and comments
+        else:
+            releases[name] = _commented({"images": new})
+
+    edit(root, change)
+    return load(root).get(name)
+
+
+def set_image(root: Path, name: str, image: str, entry: ImageEntry, force: bool,
+              reader: MirrorReader, say: Callable[[str], None]) -> Release:
+    """Set one image's entry of a release (made if new), once the mirror has its files."""
+    check_release_name(name)
+    _refuse_existing(load(root).doc, name, image, force)
+    _require_on_mirror(image, entry, reader, say)
+
+    def change(doc: Any) -> None:
+        _refuse_existing(doc, name, image, force)
+        releases = doc["releases"]
+        if name not in releases:
+            releases[name] = _commented({"images": {}})
+        images = releases[name]["images"]
+        if image in images:
+            _assign(images[image], entry.to_yaml())
+        else:
+            images[image] = _commented(entry.to_yaml())
+
+    edit(root, change)
+    return load(root).get(name)
+
+
+def _refuse_existing(doc: Any, name: str, image: str | None, force: bool) -> None:
+    if force or name not in doc["releases"]:
+        return
+    if image is None:
+        raise ReleaseError(f"{MANIFEST}: release {name} is already recorded",
+                           hint="pass --force to record it again")
+    if image in doc["releases"][name]["images"]:
+        raise ReleaseError(f"{MANIFEST}: release {name} already has an entry for {image}",
+                           hint="pass --force to replace it")
+
+
+def entry_from_build(root: Path, image: str, version: str | None) -> ImageEntry:
+    """`release set` from images/IMAGE/manifest.json: the build of that version (else the
+    latest clean one)."""
+    _select_images(root, [image])
+    if version is not None and version.endswith("-dirty"):
+        raise ReleaseError(f"{image} {version} is a -dirty build; a release takes clean "
+                           f"builds only")
+    return _entry_from_build(root, image, version)
+
+
+def entry_by_hand(root: Path, image: str, version: str, commit: str, files: Sequence[str],
+                  sha256s: Sequence[str], reader: MirrorReader) -> ImageEntry:
+    """`release set --commit C --file F [--sha256 H]`: an entry from what the user states;
+    size (and sha256 where not given) are read from the mirror."""
+    _select_images(root, [image])
+    if not RELEASE.match(version):
+        raise ConfigError(f"--version: {version!r} is not a valid version")
+    if version.endswith("-dirty"):
+        raise ReleaseError(f"{image} {version} is a -dirty build; a release takes clean "
+                           f"builds only")
+    if not files:
+        raise ConfigError("--file: give the files of the entry (a name in "
+                          f"builds/{image}/{version}/, or a mirror path)")
+    if sha256s and len(sha256s) != len(files):
+        raise ConfigError(f"--sha256: give one per --file ({len(files)}), or none")
+    full = _resolve_commit(root, commit)
+    out = []
+    for i, f in enumerate(files):
+        path = f if "/" in f else f"builds/{image}/{version}/{f}"
+        if not re.match(config.load_schema("release")["$defs"]["mirror_path"]["pattern"], path):
+            raise ConfigError(f"--file: {f!r} is not a path on the mirror under builds/ or repos/")
+        if "-dirty/" in path:
+            raise ReleaseError(f"{path}: a -dirty build; a release takes clean builds only")
+        want = sha256s[i].lower() if sha256s else None
+        if want is not None and not SHA256.match(want):
+            raise ConfigError(f"--sha256: {sha256s[i]!r} is not 64 hex digits")
+        got = reader.measure(path)
+        if got.problem is not None:
+            raise ReleaseError(f"{path}: {got.problem} ({reader.describe()}); not recorded")
+        assert got.size is not None and got.sha256 is not None
+        if want is not None and got.sha256 != want:
+            raise ReleaseError(f"{path}: sha256 {got.sha256[:12]}... on the mirror, "
+                               f"{want[:12]}... given; not recorded")
+        out.append(FileEntry(path=path, size=got.size, sha256=got.sha256))
+    return ImageEntry(version=version, git_commit=full, files=tuple(out))
+
+
+def _resolve_commit(root: Path, commit: str) -> str:
+    proc = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "--quiet",
+                           f"{commit}^{{commit}}"], capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0 or not commit:
+        raise ConfigError(f"--commit: {commit!r} is not a commit of this repository")
+    return proc.stdout.strip()
+
+
+# --- verify, show, diff ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    image: str
+    file: FileEntry
+    problem: str | None
+
+
+def verify(release: Release, reader: MirrorReader) -> list[Row]:
+    return [Row(image, f, reader.measure(f.path, f.size).mismatch(f))
+            for image, f in release.files()]
+
+
+def verify_table(rows: Sequence[Row]) -> str:
+    return _table(["IMAGE", "FILE", "SIZE", "SHA256", "STATUS"],
+                  [[r.image, r.file.path, _size(r.file.size), r.file.sha256[:12],
+                    r.problem or "ok"] for r in rows])
+
+
+def require_verified(release: Release, rows: Sequence[Row], reader: MirrorReader) -> str:
+    bad = [r for r in rows if r.problem is not None]
+    if bad:
+        names = ", ".join(f"{r.file.path} ({r.problem})" for r in bad)
+        raise ReleaseError(f"release {release.name}: {len(bad)} of {len(rows)} files do not "
+                           f"match {reader.describe()}: {names}")
+    return f"release {release.name}: all {len(rows)} files match {reader.describe()}"
+
+
+def show_list(m: ReleaseManifest) -> str:
+    if not m.names:
+        return f"no releases in {MANIFEST} yet"
+    rows = []
+    for name in m.names:
+        rel = m.get(name)
+        rows.append([name, ", ".join(f"{i} {e.version}" for i, e in rel.images.items())
+                     or "(no images)"])
+    return _table(["RELEASE", "IMAGES"], rows)
+
+
+def show_release(rel: Release) -> str:
+    rows = [[image, e.version, e.git_commit[:10], f.path, str(f.size), f.sha256]
+            for image, e in rel.images.items() for f in e.files]
+    text = _table(["IMAGE", "VERSION", "COMMIT", "FILE", "SIZE", "SHA256"], rows)
+    if rel.patches is not None:
+        text += f"\npatches: {rel.patches.path} sha256 {rel.patches.sha256}"
+    return text
+
+
+def release_json(rel: Release) -> str:
+    return json.dumps(asdict(rel), indent=2)
+
+
+def diff(a: Release, b: Release) -> list[str]:
+    """What changed from release a to release b: '+' added, '-' removed, '~' changed."""
+    lines = []
+    for image in dict.fromkeys([*a.images, *b.images]):
+        old, new = a.images.get(image), b.images.get(image)
+        if old is None and new is not None:
+            lines.append(f"+ {image}: {_label(new)}")
+        elif new is None and old is not None:
+            lines.append(f"- {image}: {_label(old)}")
+        elif old is not None and new is not None:
+            if old == new:
+                lines.append(f"  {image}: {_label(new)}")
+                continue
+            lines.append(f"~ {image}: {_label(old)} -> {_label(new)}")
+            lines += _file_changes(old.files, new.files)
+    if a.patches != b.patches:
+        lines.append(f"~ patches: {_patch_label(a.patches)} -> {_patch_label(b.patches)}")
+    return lines
+
+
+def _file_changes(old: Sequence[FileEntry], new: Sequence[FileEntry]) -> list[str]:
+    def by_name(files: Sequence[FileEntry]) -> dict[str, FileEntry]:
+        return {Path(f.path).name: f for f in files}
+
+    o, n = by_name(old), by_name(new)
+    out = []
+    for name in dict.fromkeys([*o, *n]):
+        if name not in n:
+            out.append(f"    - {o[name].path}")
+        elif name not in o:
+            out.append(f"    + {n[name].path} ({_size(n[name].size)}, sha256 "
+                       f"{n[name].sha256[:12]})")
+        elif o[name] != n[name]:
+            out.append(f"    ~ {name}: sha256 {o[name].sha256[:12]} -> {n[name].sha256[:12]}, "
+                       f"{_size(o[name].size)} -> {_size(n[name].size)}")
+    return out
+
+
+def _label(e: ImageEntry) -> str:
+    return f"{e.version} (commit {e.git_commit[:10]})"
+
+
+def _patch_label(p: Patches | None) -> str:
+    return "none" if p is None else f"{p.path} ({p.sha256[:12]})"
+
+
+def _size(n: int) -> str:
+    if n == UNKNOWN_SIZE:
+        return "?"
+    if n < 1 << 20:
+        return f"{n} B"
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in [headers, *rows])
