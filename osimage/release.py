@@ -36,7 +36,7 @@ from osimage.artifacts import CHUNK, ThreadedHasher, hash_file
 from osimage.errors import ConfigError, FactoryError
 from osimage.fsutil import atomic_write_text
 from osimage.gitstate import RELEASE
-from osimage.tidy import is_clean, latest_clean, manifest_path
+from osimage.tidy import is_clean, latest_clean, manifest_path, named_images
 
 MANIFEST = "manifests/manifest.yaml"
 EMPTY = "releases: {}\n"
@@ -462,13 +462,7 @@ def _entry_from_build(root: Path, image: str, version: str | None) -> ImageEntry
 
 
 def _select_images(root: Path, images: Sequence[str]) -> list[str]:
-    known = config.list_images(root)
-    for name in images:
-        if name not in known:
-            near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-            hint = f"did you mean '{near[0]}'?" if near else f"known images: {', '.join(known)}"
-            raise ConfigError(f"unknown image '{name}': no images/{name}/image.yaml ({hint})")
-    chosen = list(dict.fromkeys(images)) or known
+    chosen = named_images(root, images) or config.list_images(root)
     if not chosen:
         raise ConfigError("no images to record: images/ holds no image.yaml")
     return chosen

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from osimage import manifest
-from osimage.config import IMAGE_NAME
+from osimage.config import list_images
 from osimage.errors import ConfigError, FactoryError
 
 
@@ -94,19 +94,22 @@ def manifest_path(root: Path, image: str) -> Path:
     return root / "images" / image / "manifest.json"
 
 
-def select(root: Path, images: Sequence[str]) -> list[str]:
-    """The images named (each must be a folder under images/), else every image with a
-    manifest.json."""
-    folder = root / "images"
-    known = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-    if not images:
-        return [name for name in known if manifest_path(root, name).is_file()]
+def named_images(root: Path, images: Sequence[str]) -> list[str]:
+    """The images named, each checked to be one (images/NAME/image.yaml), without repeats."""
+    known = list_images(root)
     for name in images:
-        if not IMAGE_NAME.match(name) or name not in known:
+        if name not in known:
             near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
             hint = f"did you mean '{near[0]}'?" if near else f"known images: {', '.join(known)}"
-            raise ConfigError(f"unknown image '{name}': no folder images/{name}/ ({hint})")
+            raise ConfigError(f"unknown image '{name}': no images/{name}/image.yaml ({hint})")
     return list(dict.fromkeys(images))
+
+
+def select(root: Path, images: Sequence[str]) -> list[str]:
+    """The images named, else every image with a manifest.json."""
+    if images:
+        return named_images(root, images)
+    return [name for name in list_images(root) if manifest_path(root, name).is_file()]
 
 
 def _read(root: Path, images: Sequence[str]) -> list[State]:

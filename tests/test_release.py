@@ -186,6 +186,18 @@ def test_a_new_release_is_appended_leaving_the_rest_byte_for_byte(
     assert list(releases(repo)) == ["1.0.0", "1.1.0", "1.2.0"]
 
 
+def test_bad_names_are_bad_input(repo: Path, mirror: Mirror,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    before = manifest_text(repo)
+    code, _, err = run(capsys, "release", "record", "2.0.0", "smok", "--mirror-url", mirror.url)
+    assert code == 2
+    assert "unknown image 'smok': no images/smok/image.yaml (did you mean 'smoke'?)" in err
+    code, _, err = run(capsys, "release", "record", "2.0/0", "--mirror-url", mirror.url)
+    assert code == 2
+    assert "release '2.0/0' is not a valid release name" in err
+    assert manifest_text(repo) == before
+
+
 @pytest.mark.parametrize("damage", ["content", "size", "missing"])
 def test_record_refuses_a_file_that_differs_on_the_mirror(
         repo: Path, mirror: Mirror, capsys: pytest.CaptureFixture[str], damage: str) -> None:

@@ -189,7 +189,7 @@ def test_tidy_writes_atomically_and_keeps_other_keys(repo: Path,
 def test_bad_input_exits_2(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "tidy", "smok")
     assert code == 2
-    assert "unknown image 'smok'" in err and "did you mean 'smoke'" in err
+    assert "unknown image 'smok': no images/smok/image.yaml (did you mean 'smoke'?)" in err
     (repo / "images" / "smoke" / "manifest.json").write_text("{not json")
     code, _, err = run(capsys, "tidy", "--check")
     assert code == 2
