@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from osimage.artifacts import Artifact
 from osimage.config import Image, Site
@@ -22,6 +23,7 @@ class BuildContext:
     release: str | None
     work_dir: Path
     keep_failed: bool = False
+    hcl_checker: Any = None  # render.HCLChecker, started before the configuration is read
     reporter: Reporter = field(default_factory=lambda: Reporter(quiet=True))
     run_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     accelerator: str = "tcg"

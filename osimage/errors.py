@@ -14,7 +14,7 @@ class FactoryError(Exception):
     exit_code = EXIT_FAILED
 
     def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, hint)  # both survive pickling (errors from helper processes)
         self.message = message
         self.hint = hint
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +45,31 @@ def version(binary: str) -> tuple[int, int, int]:
     return (int(m[1]), int(m[2]), int(m[3]))
 
 
+def _cached_version(binary: str) -> tuple[int, int, int]:
+    """packer version, remembered per binary (path, size, mtime): it costs a process start."""
+    from osimage.accel import cache_home
+
+    path = shutil.which(binary)
+    if path is None:
+        raise BuildError(f"{binary}: command not found")
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    cache = cache_home() / "packer-version.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        data = json.loads(cache.read_text())
+        if data["key"] == key:
+            major, minor, patch = data["version"]
+            return (int(major), int(minor), int(patch))
+    found = version(binary)
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "version": list(found)}))
+    return found
+
+
 def check_version(binary: str) -> tuple[int, int, int]:
     try:
-        found = version(binary)
+        found = _cached_version(binary)
     except BuildError as e:
         raise ConfigError(f"packer.binary: {binary!r} cannot be run ({e.message})",
                           hint="apt-get install -y packer, or set packer.binary in the site "
@@ -86,7 +112,8 @@ class BuildProgress:
             for piece in text.splitlines() or [""]:
                 self._text(piece)
             if level == "say" and text.lstrip().startswith("==>"):
-                step = text.split(":", 1)[-1].strip() if ":" in text else text[3:].strip()
+                said = text.strip()[3:].strip()
+                step = said.split(":", 1)[-1].strip() if ":" in said else said
                 if step and not step.startswith("Wait completed"):
                     self.steps.append((time.monotonic(), step))
                     if self.on_step is not None:

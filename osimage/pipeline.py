@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,14 +228,22 @@ def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     hcl = ctx.work_dir / f"{ctx.image.name}.pkr.hcl"
     hcl.write_text(text)
     ctx.hcl_file = hcl
-    parsed = render.parse_hcl(text, str(hcl.relative_to(ctx.root)))
-    if not render.sources_of(parsed):
-        raise BuildError(f"{hcl}: the rendered HCL has no source block")
     # Packer refuses to validate or build into an output directory that already exists.
     shutil.rmtree(ctx.output_dir, ignore_errors=True)
     ctx.packer_manifest.unlink(missing_ok=True)
-    packer.validate(ctx.site.packer_binary, hcl, ctx.work_dir)
-    ctx.inputs_sha256 = inputs_hash(ctx)
+    # packer validate runs while python-hcl2 parses the same text: two checks, one wait.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        validated = pool.submit(packer.validate, ctx.site.packer_binary, hcl, ctx.work_dir)
+        try:
+            shown = str(hcl.relative_to(ctx.root))
+            parsed = (ctx.hcl_checker.parse(text, shown) if ctx.hcl_checker is not None
+                      else render.parse_hcl(text, shown))
+            if not render.sources_of(parsed):
+                raise BuildError(f"{hcl}: the rendered HCL has no source block")
+            ctx.inputs_sha256 = inputs_hash(ctx)
+        finally:
+            validated.exception()  # wait for it; a parse error is the clearer message
+        validated.result()
     ctx.reporter.info(f"    rendered {hcl.relative_to(ctx.root)} (accelerator {ctx.accelerator})")
 
 
@@ -359,8 +368,10 @@ BUILD_STEPS: list[tuple[str, Step]] = [
 
 def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
     t0 = time.monotonic()
-    with runner.forwarded_signals():
+    checker = render.HCLChecker()
+    with runner.forwarded_signals(), contextlib.closing(checker):
         ctx = prepare(root, opts, reporter)
+        ctx.hcl_checker = checker
         steps = BUILD_STEPS if opts.publish else [s for s in BUILD_STEPS
                                                   if s[1] is not step_publish]
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:

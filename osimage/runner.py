@@ -177,15 +177,20 @@ def run(
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.write(stdin_data)
                 proc.stdin.close()
+        # A waiter thread blocks in waitpid, so the end of the command is seen at once; the main
+        # thread wakes on that or every 0.2 s to act on a stop request.
+        exited = threading.Event()
+
+        def wait_exit() -> None:
+            proc.wait()
+            exited.set()
+
+        waiter = threading.Thread(target=wait_exit, daemon=True)
+        waiter.start()
         forwarded = 0
         escalated = 0
         try:
-            while True:
-                try:
-                    proc.wait(timeout=0.1)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
+            while not exited.wait(0.2):
                 if stop.signum is None:
                     continue
                 waited = time.monotonic() - stop.first_at

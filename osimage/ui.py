@@ -51,7 +51,7 @@ class Reporter:
             dt = time.monotonic() - t0
             if not self.quiet:
                 mark = "[green]ok[/green]" if ok else "[red]failed[/red]"
-                self.console.print(f"    {mark} {_escape(name)} [dim]({dt:.1f} s)[/dim]")
+                self.console.print(f"    {mark} {_escape(name)} [dim]({dt:.2f} s)[/dim]")
 
     def substep(self, text: str) -> None:
         """A step inside a long command (Packer's '==> ...' lines), shown with elapsed time."""
