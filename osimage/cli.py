@@ -30,8 +30,7 @@ class ImageGroup(click.Group):
         return super().parse_args(ctx, args)
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        formatter.write_usage("./build.py", "IMAGE [--release X] [--skip-commit] [OPTIONS] "
-                              "| COMMAND [ARGS]...")
+        formatter.write_usage("./build.py", "IMAGE [OPTIONS] | COMMAND [ARGS]...")
 
 
 def project_root() -> Path:
