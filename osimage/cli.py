@@ -77,13 +77,28 @@ def cli() -> None:
 @click.option("--keep-failed", is_flag=True,
               help="Keep the output of a failed build in build/IMAGE/VERSION/ for inspection.")
 @click.option("--no-publish", is_flag=True, help="Build and record, but do not publish.")
+@click.option("--create-patches", is_flag=True,
+              help="Make the next security-patch tarball in the VM instead of an image and "
+                   "publish it under repos/Rocky8/ (images whose image.yaml has "
+                   "patches.create; --release is ignored).")
+@click.option("--debug", is_flag=True,
+              help="Step through the build on this terminal (packer -debug, -on-error=ask) and "
+                   "print how to log in to the VM. Never published nor recorded; the version "
+                   "ends in -debug.")
+@click.option("--break-before", "break_before", multiple=True, metavar="STEP",
+              help="Pause before provisioner STEP (a name from image.yaml). Repeatable.")
+@click.option("--break-after", "break_after", multiple=True, metavar="STEP",
+              help="Pause after provisioner STEP. Repeatable.")
 def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Path | None,
-              keep_failed: bool, no_publish: bool) -> None:
+              keep_failed: bool, no_publish: bool, debug: bool, break_before: tuple[str, ...],
+              break_after: tuple[str, ...], create_patches: bool) -> None:
     """Build IMAGE (the default command: ./build.py IMAGE)."""
     from osimage.pipeline import BuildOptions, run_build
 
     opts = BuildOptions(image=image, release=release, skip_commit=skip_commit,
-                        site_file=site_file, keep_failed=keep_failed, publish=not no_publish)
+                        site_file=site_file, keep_failed=keep_failed, publish=not no_publish,
+                        debug=debug, break_before=break_before, break_after=break_after,
+                        create_patches=create_patches)
     run_build(project_root(), opts, _reporter())
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from osimage.artifacts import Artifact
 from osimage.config import Image, Site
 from osimage.gitstate import GitState
 from osimage.ui import Reporter
+
+if TYPE_CHECKING:
+    from osimage.patches import AppliedPatches
 
 
 @dataclass
@@ -23,6 +26,9 @@ class BuildContext:
     release: str | None
     work_dir: Path
     keep_failed: bool = False
+    debug: bool = False
+    break_before: list[str] = field(default_factory=list)
+    break_after: list[str] = field(default_factory=list)
     hcl_checker: Any = None  # render.HCLChecker, started before the configuration is read
     reporter: Reporter = field(default_factory=lambda: Reporter(quiet=True))
     run_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
@@ -37,6 +43,16 @@ class BuildContext:
     artifact_id: str = ""
     artifacts: list[Artifact] = field(default_factory=list)
     mirror_paths: list[str] = field(default_factory=list)
+    create_patches: bool = False  # --create-patches: the build makes a patch tarball
+    patches: AppliedPatches | None = None  # the release's patch tarball, verified
+
+    @property
+    def interactive(self) -> bool:
+        return self.debug or bool(self.break_before or self.break_after)
+
+    @property
+    def serial_socket(self) -> Path:
+        return self.work_dir / "serial.sock"
 
     @property
     def output_dir(self) -> Path:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,11 @@ from osimage import (
     accel,
     artifacts,
     config,
+    debug,
     gitstate,
     manifest,
     packer,
+    patches,
     render,
     runner,
 )
@@ -46,6 +48,14 @@ class BuildOptions:
     site_file: Path | None = None
     keep_failed: bool = False
     publish: bool = True
+    create_patches: bool = False
+    debug: bool = False
+    break_before: tuple[str, ...] = ()
+    break_after: tuple[str, ...] = ()
+
+    @property
+    def interactive(self) -> bool:
+        return self.debug or bool(self.break_before or self.break_after)
 
 
 # --- preparing -------------------------------------------------------------------------------
@@ -58,14 +68,17 @@ def prepare(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
     image = config.load_image(root, opts.image)
     state = gitstate.read_state(root)
     gitstate.require_clean(state, opts.skip_commit)
-    version = gitstate.version_for(state, opts.release)
+    debug.check_options(image, opts.debug, opts.break_before, opts.break_after)
+    version = gitstate.version_for(state, opts.release,
+                                   suffix="-debug" if opts.interactive else "")
     packer.check_version(site.packer_binary)
     build_dir = Path(site.build_dir)
     if not build_dir.is_absolute():
         build_dir = root / build_dir
     ctx = BuildContext(root=root, image=image, site=site, git=state, version=version,
                        release=opts.release, work_dir=build_dir / image.name / version,
-                       keep_failed=opts.keep_failed, reporter=reporter)
+                       keep_failed=opts.keep_failed, reporter=reporter, debug=opts.debug,
+                       break_before=list(opts.break_before), break_after=list(opts.break_after))
     reporter.info(f"    image {image.name}, version {version}, commit {state.short}"
                   f"{' (dirty)' if state.dirty else ''}")
     if state.dirty:
@@ -158,6 +171,8 @@ def inputs_hash(ctx: BuildContext) -> str:
                 h.update(str(path.relative_to(ctx.root)).encode() + b"\0")
                 h.update(path.read_bytes() + b"\0")
     h.update(ctx.source_checksum.encode())
+    if ctx.patches is not None:
+        h.update(b"\0patches:" + ctx.patches.sha256.encode())
     return h.hexdigest()
 
 
@@ -178,6 +193,9 @@ def template_variables(ctx: BuildContext) -> dict[str, Any]:
     env = {"OSIMAGE_IMAGE": ctx.image.name, "OSIMAGE_VERSION": ctx.version,
            "OSIMAGE_COMMIT": ctx.git.commit}
     for prov in data["provisioners"]:
+        if prov["name"] in ctx.break_before:
+            provisioners.append({"type": "breakpoint", "name": f"break-before-{prov['name']}",
+                                 "note": f"osimage: paused before step '{prov['name']}'"})
         p = dict(prov)
         for key in ("script", "source", "playbook"):
             if key in p:
@@ -185,6 +203,10 @@ def template_variables(ctx: BuildContext) -> dict[str, Any]:
         merged = {**env, **prov.get("environment", {})}
         p["env_list"] = [f"{k}={v}" for k, v in sorted(merged.items())]
         provisioners.append(p)
+        if prov["name"] in ctx.break_after:
+            provisioners.append({"type": "breakpoint", "name": f"break-after-{prov['name']}",
+                                 "note": f"osimage: paused after step '{prov['name']}'"})
+    provisioners = patches.provisioners(ctx, provisioners, env)
     assert ctx.key_file is not None
     qemu = ctx.site.data["qemu"]
     ssh = data.get("ssh", {})
@@ -214,6 +236,7 @@ def template_variables(ctx: BuildContext) -> dict[str, Any]:
         "ssh_public_key_file": str(ctx.key_file) + ".pub",
         "shutdown_command": data.get("shutdown_command", "shutdown -P now"),
         "provisioners": provisioners,
+        "serial_socket": str(ctx.serial_socket) if ctx.interactive else None,
         "packer_manifest": str(ctx.packer_manifest),
         "custom_data": {"image": ctx.image.name, "version": ctx.version,
                         "git_commit": ctx.git.commit},
@@ -260,14 +283,18 @@ def step_packer(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     env = {"PACKER_LOG": "1", "PACKER_LOG_PATH": str(ctx.work_dir / "packer-debug.log"),
            "CHECKPOINT_DISABLE": "1", "PACKER_NO_COLOR": "1",
            "PACKER_CACHE_DIR": str(ctx.work_dir / "packer_cache")}
-    argv = [ctx.site.packer_binary, "build", "-machine-readable"]
-    if ctx.keep_failed:
-        argv.append("-on-error=abort")
-    argv.append(ctx.hcl_file.name)
     started = time.time()
-    with ctx.log_file.open("w") as log:
-        progress = packer.BuildProgress(log=log, on_step=ctx.reporter.substep)
-        result = runner.run(argv, cwd=ctx.work_dir, env=env, on_line=progress.feed, check=False)
+    if ctx.interactive:
+        result, progress = _packer_interactive(ctx, env)
+    else:
+        argv = [ctx.site.packer_binary, "build", "-machine-readable"]
+        if ctx.keep_failed:
+            argv.append("-on-error=abort")
+        argv.append(ctx.hcl_file.name)
+        with ctx.log_file.open("w") as log:
+            progress = packer.BuildProgress(log=log, on_step=ctx.reporter.substep)
+            result = runner.run(argv, cwd=ctx.work_dir, env=env, on_line=progress.feed,
+                                check=False)
     ctx.reporter.stop_substeps()
     if not result.ok:
         tail = "\n".join(progress.text_tail[-15:])
@@ -287,7 +314,34 @@ def step_packer(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     stack.callback(_drop_unrecorded_output, ctx)
 
 
+def _packer_interactive(ctx: BuildContext,
+                        env: dict[str, str]) -> tuple[runner.Result, packer.BuildProgress]:
+    """packer build on the user's terminal: -debug pauses before each step, -on-error=ask
+    keeps the VM on an error until the user answers; breakpoints pause where they were put."""
+    assert ctx.hcl_file is not None and ctx.key_file is not None
+    argv = [ctx.site.packer_binary, "build"]
+    if ctx.debug:
+        argv += ["-debug", "-on-error=ask"]
+    argv.append(ctx.hcl_file.name)
+    hints = debug.LoginHints(user=ctx.image.data.get("ssh", {}).get("username", "root"),
+                             key_file=ctx.key_file, backend=ctx.site.backend,
+                             serial_socket=ctx.serial_socket)
+    with ctx.log_file.open("w") as log:
+        progress = packer.BuildProgress(log=log)
+
+        def feed(line: str) -> None:
+            hints.feed(line)
+            if "==>" in line and "Error" in line:
+                progress.errors.append(line.split("==>", 1)[-1].strip())
+            progress.text_tail = [*progress.text_tail, line][-40:]
+
+        result = runner.run_interactive(argv, cwd=ctx.work_dir, env=env, on_line=feed, log=log)
+    return result, progress
+
+
 def _drop_unrecorded_output(ctx: BuildContext) -> None:
+    if ctx.interactive and ctx.artifacts and all(a.sha256 for a in ctx.artifacts):
+        return  # a finished debug build keeps its hashed output for the user to look at
     if not ctx.mirror_paths and not ctx.keep_failed:
         shutil.rmtree(ctx.output_dir, ignore_errors=True)
 
@@ -345,6 +399,7 @@ def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
             "mirror_path": ctx.mirror_dest,
             "inputs_sha256": ctx.inputs_sha256,
             "accelerator": ctx.accelerator,
+            "patches": patches.record(ctx),
             "osimage_version": __version__,
         },
     }
@@ -357,28 +412,57 @@ def step_manifest(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 
 BUILD_STEPS: list[tuple[str, Step]] = [
+    ("security patches", patches.step_fetch),  # before anything else: a --release build
     ("prepare source", step_source),
     ("make build key", step_key),
     ("render and validate HCL", step_render),
     ("packer build", step_packer),
+    ("collect patch tarball", patches.step_collect),  # --create-patches only
+    ("publish patch tarball", patches.step_publish),
     ("hash artifacts", step_checksums),
     ("publish to mirror", step_publish),
     ("record in manifest.json", step_manifest),
 ]
 
+def mode_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[str, Step]]:
+    """A --create-patches build makes a patch tarball, not a release image: its disk is
+    neither hashed, published nor recorded, and the tarball is published only when the
+    build publishes. A --release build first fetches and checks its patch tarball."""
+    if ctx.create_patches:
+        drop: set[Step] = {patches.step_fetch, step_checksums, step_publish, step_manifest}
+        if not any(s[1] is step_publish for s in steps):
+            drop.add(patches.step_publish)
+    else:
+        drop = {patches.step_collect, patches.step_publish}
+        if ctx.release is None:
+            drop.add(patches.step_fetch)
+    return [s for s in steps if s[1] not in drop]
+
+
 def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
     t0 = time.monotonic()
     checker = render.HCLChecker()
     with runner.forwarded_signals(), contextlib.closing(checker):
-        ctx = prepare(root, opts, reporter)
+        release = patches.check_options(root, opts.image, opts.release, opts.create_patches)
+        ctx = prepare(root, replace(opts, release=release), reporter)
         ctx.hcl_checker = checker
-        steps = BUILD_STEPS if opts.publish else [s for s in BUILD_STEPS
-                                                  if s[1] is not step_publish]
+        patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
+        steps = BUILD_STEPS
+        if not opts.publish:
+            steps = [s for s in steps if s[1] is not step_publish]
+        if opts.interactive:  # a debug build is never published nor recorded
+            steps = [s for s in steps if s[1] not in (step_publish, step_manifest)]
+        steps = mode_steps(ctx, steps)
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             for name, step in steps:
                 runner.check_interrupted()
                 with reporter.step(name):
                     step(ctx, stack)
+    if opts.interactive:
+        reporter.info(f"debug build of {ctx.image.name} {ctx.version} done in "
+                      f"{time.monotonic() - t0:.1f} s: {ctx.output_dir} (not published, "
+                      "not recorded)")
+        return ctx
     reporter.info(f"built {ctx.image.name} {ctx.version} in {time.monotonic() - t0:.1f} s: "
                   f"{', '.join(ctx.mirror_paths[::2]) or ctx.output_dir}")
     return ctx
@@ -388,9 +472,11 @@ def render_only(root: Path, opts: BuildOptions, reporter: Reporter) -> Path:
     """./build.py render IMAGE: render and validate, no build; the git tree may be dirty."""
     opts.skip_commit = True
     with runner.forwarded_signals():
+        patches.check_options(root, opts.image, opts.release, False)
         ctx = prepare(root, opts, reporter)
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
-            for name, step in BUILD_STEPS[:3]:
+            upto = [s[1] for s in BUILD_STEPS].index(step_render) + 1
+            for name, step in mode_steps(ctx, BUILD_STEPS[:upto]):
                 with reporter.step(name):
                     step(ctx, stack)
     assert ctx.hcl_file is not None

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -232,3 +233,101 @@ def output(argv: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None,
         raise BuildError(f"{name} failed with exit status {proc.returncode}",
                          hint=proc.stderr.strip()[-2000:] or None)
     return proc.stdout
+
+
+def run_interactive(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    log: IO[str] | None = None,
+) -> Result:
+    """Run argv on a pseudo-terminal of its own, wired to the user's terminal.
+
+    For builds a person steps through (packer -debug, breakpoints, -on-error=ask): Packer only
+    pauses and asks on a terminal. Its output still streams line by line to on_line and log,
+    so the wrapper can tell the user how to log in to the VM. The user's terminal is put in raw
+    mode for the duration; Ctrl-C reaches Packer through its terminal, as if run directly.
+    """
+    import pty
+    import select
+    import termios
+    import tty
+
+    args = [os.fspath(a) for a in argv]
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
+    pid, master = pty.fork()  # the child is a session leader: its pid is its process group
+    if pid == 0:  # pragma: no cover - the child only execs
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            os.execvpe(args[0], args, full_env)  # noqa: S606 - an argv list, no shell
+        finally:
+            os._exit(127)
+    with contextlib.suppress(OSError):
+        import fcntl
+
+        size = fcntl.ioctl(stdout_fd, termios.TIOCGWINSZ, b"\0" * 8)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+    saved = termios.tcgetattr(stdin_fd) if os.isatty(stdin_fd) else None
+    tail: deque[str] = deque(maxlen=30)
+    pending = b""
+    interrupted = False
+    with forwarded_signals() as stop:
+        try:
+            if saved is not None:
+                tty.setraw(stdin_fd)
+            while True:
+                if stop.signum is not None and not interrupted:
+                    interrupted = True
+                    kill_group(pid, signal.SIGINT)
+                try:
+                    ready, _, _ = select.select([master, stdin_fd], [], [], 0.2)
+                except InterruptedError:
+                    continue
+                if stdin_fd in ready:
+                    data = os.read(stdin_fd, 1024)
+                    if b"\x03" in data:
+                        interrupted = True
+                    if data:
+                        os.write(master, data)
+                if master in ready:
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:  # EIO: the child closed its terminal
+                        data = b""
+                    if not data:
+                        break
+                    os.write(stdout_fd, data)
+                    pending += data
+                    *lines, pending = pending.split(b"\n")
+                    for raw in lines:
+                        line = raw.decode(errors="replace").rstrip("\r")
+                        tail.append(line)
+                        if log is not None:
+                            log.write(line + "\n")
+                            log.flush()
+                        if on_line is not None:
+                            on_line(line)
+        finally:
+            if saved is not None:
+                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+            os.close(master)
+            _, status = os.waitpid(pid, 0)
+            reap_group(pid)
+    code = os.waitstatus_to_exitcode(status)
+    if interrupted:
+        _stop.signum = _stop.signum or signal.SIGINT
+    result = Result(argv=args, returncode=code, tail=list(tail))
+    check_interrupted()
+    return result
+
+
+def say(text: str) -> None:
+    """Print to the user's terminal, also while it is in raw mode (CR LF line ends)."""
+    data = ("\r\n".join(text.split("\n")) + "\r\n").encode()
+    os.write(sys.stdout.fileno(), data)

@@ -79,8 +79,17 @@ def build_py(repo: Path, *args: str, timeout: float = 240,
 
 
 def qemu_pids() -> set[int]:
+    """Live qemu processes (zombies are already dead: their parent just has not reaped them)."""
     out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+    pids = set()
+    for p in out.stdout.split():
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            pids.add(int(p))
+    return pids
 
 
 @pytest.fixture
