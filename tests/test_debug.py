@@ -17,12 +17,18 @@ PAUSE = "Press enter to continue"
 ASK = r"\[c\] Clean up and exit, \[a\] abort without cleanup"
 
 
-def spawn(repo: Path, *args: str) -> pexpect.spawn:
+def spawn(repo: Path, *args: str) -> pexpect.spawn[str]:
     child = pexpect.spawn(sys.executable, [str(repo / "build.py"), *args], cwd=str(repo),
                           encoding="utf-8", timeout=90, dimensions=(50, 220),
                           env={"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
                                "HOME": str(Path.home()), "TERM": "xterm"})
     return child
+
+
+def matched(child: pexpect.spawn[str]) -> str:
+    m = child.match
+    assert isinstance(m, re.Match)
+    return str(m.group(0))
 
 
 def ssh(login: str, command: str) -> subprocess.CompletedProcess[str]:
@@ -42,7 +48,7 @@ def test_debug_steps_logs_in_and_finishes(repo: Path) -> None:
             pauses += 1
             child.send("\r")  # the Enter key
         elif i == 1:
-            login = child.match.group(0)
+            login = matched(child)
             # log in with the printed command, as a person would, while the build waits
             out = ssh(login, "cat /etc/hostname; echo debug-was-here > /data/debug")
             assert out.returncode == 0, out.stderr
@@ -50,11 +56,11 @@ def test_debug_steps_logs_in_and_finishes(repo: Path) -> None:
         else:
             break
     child.close()
-    assert child.exitstatus == 0, child.before
+    assert child.exitstatus == 0, str(child.before)
     assert login is not None and pauses >= 5
     commit = git(repo, "rev-parse", "HEAD").strip()
-    out = repo / "build/smoke" / f"g{commit[:10]}-debug" / "output" / "smoke.qcow2"
-    assert out.is_file() and out.with_name("smoke.qcow2.sha256").is_file()
+    disk = repo / "build/smoke" / f"g{commit[:10]}-debug" / "output" / "smoke.qcow2"
+    assert disk.is_file() and disk.with_name("smoke.qcow2.sha256").is_file()
     # never published, never recorded, the key is gone, no VM left
     assert not (repo / "mirror/builds").exists() or not any((repo / "mirror/builds").iterdir())
     assert not (repo / "images/smoke/manifest.json").exists()
@@ -66,9 +72,9 @@ def test_debug_steps_logs_in_and_finishes(repo: Path) -> None:
 def test_break_after_pauses_there_only(repo: Path) -> None:
     child = spawn(repo, "smoke", "--break-after", "marker")
     child.expect(LOGIN)
-    login = child.match.group(0)
+    login = matched(child)
     child.expect(PAUSE)
-    assert "paused after step 'marker'" in child.before
+    assert "paused after step 'marker'" in str(child.before)
     out = ssh(login, "cat /data/marker")  # the step before the pause has run
     assert out.returncode == 0 and "osimage smoke marker" in out.stdout
     child.send("\r")
@@ -95,7 +101,7 @@ def test_debug_failed_step_abort_leaves_nothing(repo: Path) -> None:
     while child.expect([PAUSE, pexpect.EOF]) == 0:  # -debug pauses before each cleanup too
         child.send("\r")
     child.close()
-    assert child.exitstatus == 1, child.before
+    assert child.exitstatus == 1, str(child.before)
     assert not (qemu_pids() - before), "abort must still leave no qemu behind"
     assert not list((repo / "build/smoke").glob("*/output"))
     assert not (repo / "images/smoke/manifest.json").exists()
