@@ -84,23 +84,28 @@ class Source:
         return _http_stream(self, path, start) if self.is_http else _file_stream(self, path, start)
 
 
-def source_for(site_data: dict[str, Any], root: Path) -> Source:
-    """The site's mirror.http, else its local mirror folder (an ssh:// mirror needs http)."""
+def source_for(site_data: dict[str, Any], root: Path, shown: str = "site.yaml") -> Source:
+    """The site's mirror.http, else its local mirror folder (an ssh:// mirror needs http);
+    shown names the site file in errors."""
     mirror = site_data["mirror"]
     if mirror.get("http"):
         return Source(str(mirror["http"]))
     url = str(mirror["url"])
     if "://" in url and not url.startswith("file://"):
-        raise ConfigError(f"mirror.http: the site's mirror {url} is not a local folder; "
-                          "set mirror.http to download patch tarballs from it over HTTP")
+        raise ConfigError(f"{shown}: mirror.http: needed to download patch tarballs, as "
+                          f"mirror.url {url} is not a local folder")
     path = Path(url.removeprefix("file://"))
     return Source(str(path if path.is_absolute() else root / path))
 
 
 def _reason(e: BaseException) -> str:
+    """The innermost message of a requests/urllib3 error, which wrap one another in args."""
+    while e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]
     while e.__context__ is not None and not str(e):
         e = e.__context__
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    text = text.splitlines()[0] if text else type(e).__name__
     return text[-200:]
 
 

@@ -132,7 +132,7 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         ctx.reporter.info(f"    {ctx.image.name} declares no patches.apply step: {name} of "
                           f"release {ctx.release} is not applied")
         return
-    source = download.source_for(ctx.site.data, ctx.root)
+    source = _source(ctx)
     fetched = download.fetch(source, patches.path, patches.sha256, patches.size, cache_dir(),
                              ctx.reporter.info)
     contents = tarcheck.inspect(fetched.path, keep=patchindex.keep, digest=patchindex.digest)
@@ -144,7 +144,7 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                                  cache_dir(), ctx.reporter.info)
         contents = tarcheck.inspect(fetched.path, keep=patchindex.keep,
                                     digest=patchindex.digest)
-    patch_set = _checked(name, contents)
+    patch_set = _checked(patches.path, contents)
     if fetched.from_cache:
         ctx.reporter.info(f"    {name}: in the cache ({fetched.path})")
     else:
@@ -157,13 +157,19 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                                  path=fetched.path)
 
 
-def _checked(name: str, contents: tarcheck.Contents) -> patchindex.PatchSet:
+def _source(ctx: BuildContext) -> download.Source:
+    shown = (config.display_path(ctx.site.path, ctx.root) if ctx.site.path is not None
+             else "site.yaml")
+    return download.source_for(ctx.site.data, ctx.root, shown)
+
+
+def _checked(shown: str, contents: tarcheck.Contents) -> patchindex.PatchSet:
     if contents.problem is not None:
-        raise PatchRefused(f"{name}: refused: {contents.problem}")
+        raise PatchRefused(f"{shown}: refused: {contents.problem}")
     try:
         return patchindex.read(contents)
     except patchindex.PatchContentError as e:
-        raise PatchRefused(f"{name}: refused: {e}") from None
+        raise PatchRefused(f"{shown}: refused: {e}") from None
 
 
 def _summary(p: patchindex.PatchSet) -> str:
@@ -266,7 +272,7 @@ def _publish_name(ctx: BuildContext, prefix: str, suffix: str) -> str:
     now = time.gmtime()
     day = time.strftime("%Y%m%d", now)
     try:
-        source = download.source_for(ctx.site.data, ctx.root)
+        source = _source(ctx)
     except ConfigError:
         return f"{prefix}-{day}T{time.strftime('%H%M%S', now)}Z{suffix}"
     for n in range(1, 1000):
