@@ -12,6 +12,8 @@ APT_PACKAGES=(
     dosfstools e2fsprogs fdisk cpio gzip xz-utils zstd
     # libvirt backend (the Python binding builds from source against it)
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
+    # patch tarball tests: a real dnf repository (rpmbuild, createrepo_c) checked on the host
+    createrepo-c rpm
     # checking what we ship
     shellcheck
 )
