@@ -151,7 +151,7 @@ def _format_error(err: Any, schema: dict[str, Any]) -> list[str]:
         hint = _schema_at(schema, parts).get("x-hint") or f"must match {err.validator_value}"
         return [f"{where}: {err.instance!r} is not valid: {hint}"]
     if v in ("oneOf", "anyOf") and isinstance(err.instance, dict):
-        if parts == ["source"] or (parts and parts[-1] == "source"):
+        if parts == ["source"] or (parts and parts[-1] == "source") or parts[:1] == ["sources"]:
             return [f"{where}: give exactly one of 'iso' or 'disk'"]
         if parts and parts[0] == "provisioners":
             return [f"{where}: a shell provisioner needs exactly one of 'script' or 'inline'"]

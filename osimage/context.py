@@ -45,6 +45,8 @@ class BuildContext:
     mirror_paths: list[str] = field(default_factory=list)
     create_patches: bool = False  # --create-patches: the build makes a patch tarball
     patches: AppliedPatches | None = None  # the release's patch tarball, verified
+    http_dir: Path | None = None  # http_directory rendered for this build (osimage/httpdir.py)
+    payload: Any = None  # payload.Payload: a release's image embedded in this one
 
     @property
     def interactive(self) -> bool:

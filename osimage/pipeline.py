@@ -26,9 +26,11 @@ from osimage import (
     config,
     debug,
     gitstate,
+    httpdir,
     manifest,
     packer,
     patches,
+    payload,
     render,
     runner,
 )
@@ -131,11 +133,17 @@ def _run_prepare(ctx: BuildContext, script: Path, target: Path, reporter: Report
 
 def step_source(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     src = ctx.image.data["source"]
+    shown, key = f"images/{ctx.image.name}/image.yaml", "source"
+    override = ctx.site.data.get("sources", {}).get(ctx.image.name)
+    if override is not None:  # the site's local copy of the source (site.yaml: sources.IMAGE)
+        src = override
+        shown = config.display_path(ctx.site.path, ctx.root) if ctx.site.path else "site.yaml"
+        key = f"sources.{ctx.image.name}"
+        ctx.reporter.info(f"    source from {shown} ({key})")
     location = src.get("disk") or src["iso"]
-    shown = f"images/{ctx.image.name}/image.yaml"
     if "prepare" in src:
         if "://" in location:
-            raise ConfigError(f"{shown}: source.prepare needs a local path, not {location!r}")
+            raise ConfigError(f"{shown}: {key}.prepare needs a local path, not {location!r}")
         _run_prepare(ctx, ctx.root / src["prepare"], Path(_resolve_location(ctx.root, location)),
                      ctx.reporter)
     ctx.source_url = _resolve_location(ctx.root, location)
@@ -149,16 +157,16 @@ def step_source(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
             try:
                 text = path.read_text()
             except OSError:
-                raise ConfigError(f"{shown}: source.checksum: cannot read {ref}") from None
+                raise ConfigError(f"{shown}: {key}.checksum: cannot read {ref}") from None
             digest = artifacts.parse_checksum_file(text, Path(location).name)
             if digest is None:
-                raise ConfigError(f"{shown}: source.checksum: no sha256 for "
+                raise ConfigError(f"{shown}: {key}.checksum: no sha256 for "
                                   f"{Path(location).name} in {ref}")
             ctx.source_checksum = f"sha256:{digest}"
     else:
         ctx.source_checksum = checksum
     if "://" not in ctx.source_url and not Path(ctx.source_url).exists():
-        raise ConfigError(f"{shown}: source: {location} does not exist")
+        raise ConfigError(f"{shown}: {key}: {location} does not exist")
 
 
 def inputs_hash(ctx: BuildContext) -> str:
@@ -173,6 +181,8 @@ def inputs_hash(ctx: BuildContext) -> str:
     h.update(ctx.source_checksum.encode())
     if ctx.patches is not None:
         h.update(b"\0patches:" + ctx.patches.sha256.encode())
+    if ctx.payload is not None:
+        h.update(b"\0payload:" + ctx.payload.sha256.encode())
     return h.hexdigest()
 
 
@@ -207,6 +217,7 @@ def template_variables(ctx: BuildContext) -> dict[str, Any]:
             provisioners.append({"type": "breakpoint", "name": f"break-after-{prov['name']}",
                                  "note": f"osimage: paused after step '{prov['name']}'"})
     provisioners = patches.provisioners(ctx, provisioners, env)
+    provisioners = payload.provisioners(ctx, provisioners)
     assert ctx.key_file is not None
     qemu = ctx.site.data["qemu"]
     ssh = data.get("ssh", {})
@@ -216,7 +227,8 @@ def template_variables(ctx: BuildContext) -> dict[str, Any]:
         "version": ctx.version,
         "source_url": ctx.source_url,
         "source_checksum": ctx.source_checksum,
-        "disk_image": "disk" in data["source"],
+        "disk_image": "disk" in (ctx.site.data.get("sources", {}).get(ctx.image.name)
+                                 or data["source"]),
         "accelerator": ctx.accelerator,
         "qemu_binary": qemu["binary"],
         "headless": qemu["headless"],
@@ -228,8 +240,7 @@ def template_variables(ctx: BuildContext) -> dict[str, Any]:
         "vm_name": f"{ctx.image.name}.{outputs.get('format', 'qcow2')}",
         "boot_wait": data.get("boot_wait", "5s"),
         "boot_command": data.get("boot_command", []),
-        "http_directory": str(img_dir / data["http_directory"]) if "http_directory" in data
-        else None,
+        "http_directory": httpdir.served(ctx),
         "ssh_username": ssh.get("username", "root"),
         "ssh_timeout": ssh.get("timeout", "10m"),
         "ssh_key_file": str(ctx.key_file),
@@ -400,6 +411,7 @@ def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
             "inputs_sha256": ctx.inputs_sha256,
             "accelerator": ctx.accelerator,
             "patches": patches.record(ctx),
+            "payload": payload.record(ctx),
             "osimage_version": __version__,
         },
     }
@@ -414,8 +426,11 @@ def step_manifest(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 BUILD_STEPS: list[tuple[str, Step]] = [
     ("security patches", patches.step_fetch),  # before anything else: a --release build
     ("prepare source", step_source),
+    ("resolve payload", payload.step_resolve),  # images that embed a release's image only
     ("make build key", step_key),
+    ("render http files", httpdir.step_http),  # an http_directory with templates only
     ("render and validate HCL", step_render),
+    ("fetch payload", payload.step_fetch),
     ("packer build", step_packer),
     ("collect patch tarball", patches.step_collect),  # --create-patches only
     ("publish patch tarball", patches.step_publish),
@@ -436,6 +451,10 @@ def mode_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[s
         drop = {patches.step_collect, patches.step_publish}
         if ctx.release is None:
             drop.add(patches.step_fetch)
+    if payload.spec_of(ctx.image) is None:
+        drop |= {payload.step_resolve, payload.step_fetch}
+    if not httpdir.has_templates(ctx.image):
+        drop.add(httpdir.step_http)
     return [s for s in steps if s[1] not in drop]
 
 
@@ -444,6 +463,7 @@ def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContex
     checker = render.HCLChecker()
     with runner.forwarded_signals(), contextlib.closing(checker):
         release = patches.check_options(root, opts.image, opts.release, opts.create_patches)
+        payload.check_options(root, opts.image, release)
         ctx = prepare(root, replace(opts, release=release), reporter)
         ctx.hcl_checker = checker
         patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)

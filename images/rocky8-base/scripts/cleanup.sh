@@ -1,0 +1,37 @@
+#!/bin/bash
+# Makes the installed node generic, so every node written from the image starts as a new
+# machine: no package caches, no machine identity, no SSH host keys, no logs, no trace of the
+# build. Runs last; its last act removes the build's key from root's authorized_keys (Packer's
+# SSH connection stays open, so the build still shuts the VM down cleanly).
+set -euo pipefail
+
+# package caches (repodata and downloaded RPMs)
+dnf clean all --quiet
+rm -rf /var/cache/dnf/*
+
+# identity: systemd makes a new machine-id on first boot when the file is empty, and
+# sshd-keygen makes new host keys when there are none
+truncate -s 0 /etc/machine-id
+rm -f /var/lib/systemd/random-seed
+rm -f /etc/ssh/ssh_host_*
+
+# network: the connection profiles and leases of the build VM's NIC (NetworkManager brings every
+# NIC up with DHCP by itself)
+find /etc/sysconfig/network-scripts -name 'ifcfg-*' ! -name 'ifcfg-lo' -delete
+rm -rf /etc/NetworkManager/system-connections/* /var/lib/NetworkManager/*
+
+# the installer's records (they hold the build's kickstart) and the build's temporary files
+rm -rf /var/log/anaconda /root/anaconda-ks.cfg /root/original-ks.cfg /root/ks-post.log
+rm -rf /tmp/* /tmp/.[!.]* /var/tmp/* /var/tmp/.[!.]*
+
+# logs: the journal and rotated logs go, the files syslog writes to stay (empty)
+rm -rf /var/log/journal/*
+find /var/log -type f \( -name '*.gz' -o -name '*-[0-9]*' -o -name '*.old' \) -delete
+find /var/log -type f -exec truncate -s 0 {} +
+rm -f /root/.bash_history
+unset HISTFILE
+
+# last: the build's key. Nothing but an authorized key of the site lets root in afterwards.
+: > /root/.ssh/authorized_keys
+sync
+echo "cleanup: generic image; root's authorized_keys is empty"
