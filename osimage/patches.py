@@ -133,17 +133,19 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                           f"release {ctx.release} is not applied")
         return
     source = _source(ctx)
-    fetched = download.fetch(source, patches.path, patches.sha256, patches.size, cache_dir(),
-                             ctx.reporter.info)
-    contents = tarcheck.inspect(fetched.path, keep=patchindex.keep, digest=patchindex.digest)
-    if contents.sha256 != patches.sha256:
-        # Only a cached copy changed since it was verified can get here: fetch it again.
-        fetched.path.unlink(missing_ok=True)
-        ctx.reporter.warn(f"the cached copy of {name} was damaged; downloading it again")
+    for attempt in range(2):
         fetched = download.fetch(source, patches.path, patches.sha256, patches.size,
                                  cache_dir(), ctx.reporter.info)
         contents = tarcheck.inspect(fetched.path, keep=patchindex.keep,
                                     digest=patchindex.digest)
+        if contents.sha256 == patches.sha256:
+            break
+        # A file in the cache was verified when it arrived: this one was changed since.
+        fetched.path.unlink(missing_ok=True)
+        if attempt:
+            raise PatchRefused(f"{patches.path}: sha256 {contents.sha256[:16]}... after "
+                               f"download, the release says {patches.sha256[:16]}...; refused")
+        ctx.reporter.warn(f"the cached copy of {name} was damaged; downloading it again")
     patch_set = _checked(patches.path, contents)
     if fetched.from_cache:
         ctx.reporter.info(f"    {name}: in the cache ({fetched.path})")

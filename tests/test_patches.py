@@ -528,6 +528,13 @@ def test_render_with_and_without_patches(repo: Path, tmp_path: Path, mirror_http
     assert "smoke-patches-1.tar.gz: downloaded" in first.stderr
     second = build_py(repo, "render", "smoke", "--release", "6.0", env=cache_env)
     assert second.returncode == 0 and "smoke-patches-1.tar.gz: in the cache" in second.stderr
+    # a damaged cached copy is noticed (its sha256 is checked on every use) and replaced
+    cached = Path(cache_env["XDG_CACHE_HOME"]) / "osimage" / "patches" / sha
+    cached.write_bytes(cached.read_bytes()[:-1] + b"!")
+    third = build_py(repo, "render", "smoke", "--release", "6.0", env=cache_env)
+    assert third.returncode == 0, third.stderr
+    assert "the cached copy of smoke-patches-1.tar.gz was damaged" in third.stderr
+    assert cached.read_bytes() == tarball.read_bytes()
     hcl = (repo / first.stdout.strip()).read_text()
     assert hcl.index("# patches-upload") < hcl.index("# patches-apply") < hcl.index("# marker")
     assert f'"OSIMAGE_PATCHES_SHA256={sha}"' in hcl
