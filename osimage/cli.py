@@ -106,13 +106,17 @@ def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Pat
 @click.argument("image")
 @release_option
 @site_option
-def render_cmd(image: str, release: str | None, site_file: Path | None) -> None:
+@click.option("--create-patches", is_flag=True,
+              help="Render what a --create-patches build runs (the create step, the download).")
+def render_cmd(image: str, release: str | None, site_file: Path | None,
+               create_patches: bool) -> None:
     """Render IMAGE's Packer HCL into build/IMAGE/VERSION/ and validate it, without building."""
     from osimage.pipeline import BuildOptions, render_only
 
     root = project_root()
-    path = render_only(root, BuildOptions(image=image, release=release, site_file=site_file),
-                       _reporter())
+    opts = BuildOptions(image=image, release=release, site_file=site_file,
+                        create_patches=create_patches)
+    path = render_only(root, opts, _reporter())
     click.echo(path.relative_to(root))
 
 

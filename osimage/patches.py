@@ -7,10 +7,11 @@ An image declares both steps in its image.yaml (paths relative to the image fold
       apply:                         # runs FIRST in a --release build, so later steps see a
         script: patches/apply.sh     #   patched system; gets OSIMAGE_PATCHES (the tarball in
         destination: /tmp/p.tar.gz   #   the VM), OSIMAGE_PATCHES_NAME, OSIMAGE_PATCHES_SHA256
-      create:                        # runs LAST in a --create-patches build; leaves the tarball
-        script: patches/create.sh    #   at output (also in OSIMAGE_PATCHES_OUTPUT)
-        output: /var/tmp/patches.tar.gz
+      create:                        # runs LAST in a --create-patches build (or before the
+        script: patches/create.sh    #   provisioner `before` names); leaves the tarball at
+        output: /var/tmp/patches.tar.gz  # output (also in OSIMAGE_PATCHES_OUTPUT)
         name: rocky8-patches         # published as repos/Rocky8/NAME-YYYYMMDD.tar.gz
+        before: cleanup
 
 An image without `patches.create` refuses --create-patches (exit 2). A release tarball is fetched
 into the cache (osimage/download.py), and its sha256 and its safety (osimage/tarcheck.py) and
@@ -87,6 +88,10 @@ def check_options(root: Path, image_name: str, release_name: str | None,
         if not (image.directory / spec["script"]).is_file():
             raise ConfigError(f"{shown}: patches.{step}.script: {spec['script']!r} does not "
                               f"exist in images/{image.name}/")
+    before = _spec(image).get("create", {}).get("before")
+    if before is not None and before not in image.provisioner_names:
+        raise ConfigError(f"{shown}: patches.create.before: {before!r} is not a provisioner "
+                          f"(provisioners: {', '.join(image.provisioner_names)})")
     if create and "create" not in _spec(image):
         able = [n for n in config.list_images(root) if _declares_create(root, n)]
         raise ConfigError(f"{shown}: patches.create: {image.name} declares no create step, so "
@@ -223,12 +228,17 @@ def provisioners(ctx: BuildContext, provs: list[dict[str, Any]],
         created_path(ctx).unlink(missing_ok=True)
         merged = {**env, **create.get("environment", {}),
                   "OSIMAGE_PATCHES_OUTPUT": create["output"]}
-        return [*provs,
-                {"name": "patches-create", "type": "shell",
-                 "script": str(ctx.image.directory / create["script"]),
-                 "env_list": _env_list(merged)},
-                {"name": "patches-download", "type": "file", "direction": "download",
-                 "source": create["output"], "destination": str(created_path(ctx))}]
+        steps = [{"name": "patches-create", "type": "shell",
+                  "script": str(ctx.image.directory / create["script"]),
+                  "env_list": _env_list(merged)},
+                 {"name": "patches-download", "type": "file", "direction": "download",
+                  "source": create["output"], "destination": str(created_path(ctx))}]
+        at = len(provs)
+        if "before" in create:  # e.g. before a cleanup that removes the build's key
+            at = next(i for i, p in enumerate(provs) if p.get("name") == create["before"])
+            while at and provs[at - 1].get("name") == f"break-before-{create['before']}":
+                at -= 1
+        return [*provs[:at], *steps, *provs[at:]]
     return provs
 
 

@@ -492,8 +492,9 @@ def render_only(root: Path, opts: BuildOptions, reporter: Reporter) -> Path:
     """./build.py render IMAGE: render and validate, no build; the git tree may be dirty."""
     opts.skip_commit = True
     with runner.forwarded_signals():
-        patches.check_options(root, opts.image, opts.release, False)
-        ctx = prepare(root, opts, reporter)
+        release = patches.check_options(root, opts.image, opts.release, opts.create_patches)
+        ctx = prepare(root, replace(opts, release=release), reporter)
+        patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             upto = [s[1] for s in BUILD_STEPS].index(step_render) + 1
             for name, step in mode_steps(ctx, BUILD_STEPS[:upto]):

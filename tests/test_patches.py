@@ -591,3 +591,28 @@ def test_create_patches_needs_a_create_step(repo: Path, cache_env: dict[str, str
     assert "images/smoke/image.yaml: patches.create: smoke declares no create step" \
         in proc.stderr
     assert not (repo / "build" / "smoke").exists()
+
+
+def test_render_create_patches_last_or_before(repo: Path, cache_env: dict[str, str]) -> None:
+    """The create step and the download run last, or before the provisioner `before` names."""
+    proc = build_py(repo, "render", "smoke", "--create-patches", env=cache_env)
+    assert proc.returncode == 0, proc.stderr
+    hcl = (repo / proc.stdout.strip()).read_text()
+    assert hcl.index("# marker") < hcl.index("# patches-create") < hcl.index("# patches-download")
+    assert 'direction   = "download"' in hcl and "patches-upload" not in hcl
+
+    image = repo / "images" / "smoke" / "image.yaml"
+    text = image.read_text()
+    image.write_text(text.replace("    name: smoke-patches\n",
+                                  "    name: smoke-patches\n    before: marker\n"))
+    proc = build_py(repo, "render", "smoke", "--create-patches", env=cache_env)
+    assert proc.returncode == 0, proc.stderr
+    hcl = (repo / proc.stdout.strip()).read_text()
+    assert hcl.index("# patches-create") < hcl.index("# patches-download") < hcl.index("# marker")
+
+    image.write_text(text.replace("    name: smoke-patches\n",
+                                  "    name: smoke-patches\n    before: markr\n"))
+    proc = build_py(repo, "render", "smoke", env=cache_env)
+    assert proc.returncode == 2
+    assert "images/smoke/image.yaml: patches.create.before: 'markr' is not a provisioner" \
+        in proc.stderr
