@@ -268,6 +268,26 @@ def tidy_cmd(images: tuple[str, ...], check: bool) -> None:
         click.echo(line)
 
 
+@cli.command("clean")
+@click.option("--older-than", "older_than", default="2h", show_default=True, metavar="AGE",
+              help="Only what was last written longer ago than AGE (90s, 30m, 2h, 7d); 0 for "
+                   "everything, including what has no known age.")
+@click.option("--yes", is_flag=True, help="Remove them. Without it, only list them (dry run).")
+@click.option("--uri", metavar="URI", help="Hypervisor (default: libvirt.uri of the site file).")
+@click.option("--prefix", default="packer-", show_default=True,
+              help="Names to look for (the plugin names domains packer-<id>, volumes "
+                   "<domain>-<alias>).")
+@site_option
+def clean_cmd(older_than: str, yes: bool, uri: str | None, prefix: str,
+              site_file: Path | None) -> None:
+    """List the domains and volumes failed libvirt builds left on the hypervisor, with their
+    age; remove those older than --older-than with --yes (a dry run by default)."""
+    from osimage import libvirt_clean
+
+    target = libvirt_clean.resolve_uri(project_root(), site_file, uri)
+    libvirt_clean.clean(target, libvirt_clean.parse_age(older_than), yes, prefix, click.echo)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status instead of exiting."""
     args = list(sys.argv[1:] if argv is None else argv)

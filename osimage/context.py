@@ -47,6 +47,7 @@ class BuildContext:
     patches: AppliedPatches | None = None  # the release's patch tarball, verified
     http_dir: Path | None = None  # http_directory rendered for this build (osimage/httpdir.py)
     payload: Any = None  # payload.Payload: a release's image embedded in this one
+    libvirt: Any = None  # libvirt_steps.LibvirtBuild: hypervisor connection, domain name
 
     @property
     def interactive(self) -> bool:

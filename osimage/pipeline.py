@@ -314,7 +314,7 @@ def step_packer(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     ctx.build_time = int(started)
     ctx.artifact_id = progress.artifact_id
     found = _packer_files(ctx)
-    if not found:
+    if not found and ctx.site.backend != "libvirt":  # libvirt: the artifact is a pool volume
         raise BuildError(f"packer build made no artifact in {ctx.output_dir}")
     record = _packer_build_record(ctx)
     ctx.builder_type = str(record.get("builder_type", ctx.site.backend))
@@ -458,6 +458,16 @@ def mode_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[s
     return [s for s in steps if s[1] not in drop]
 
 
+def backend_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[str, Step]]:
+    """The libvirt backend adds its own steps around Packer (osimage/libvirt_steps.py)."""
+    if ctx.site.backend != "libvirt":
+        return steps
+    from osimage import libvirt_steps
+
+    return libvirt_steps.adapt(steps, render_step=step_render, packer_step=step_packer,
+                               checksums_step=step_checksums)
+
+
 def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
     t0 = time.monotonic()
     checker = render.HCLChecker()
@@ -472,7 +482,7 @@ def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContex
             steps = [s for s in steps if s[1] is not step_publish]
         if opts.interactive:  # a debug build is never published nor recorded
             steps = [s for s in steps if s[1] not in (step_publish, step_manifest)]
-        steps = mode_steps(ctx, steps)
+        steps = backend_steps(ctx, mode_steps(ctx, steps))
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             for name, step in steps:
                 runner.check_interrupted()
@@ -497,7 +507,7 @@ def render_only(root: Path, opts: BuildOptions, reporter: Reporter) -> Path:
         patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             upto = [s[1] for s in BUILD_STEPS].index(step_render) + 1
-            for name, step in mode_steps(ctx, BUILD_STEPS[:upto]):
+            for name, step in backend_steps(ctx, mode_steps(ctx, BUILD_STEPS[:upto])):
                 with reporter.step(name):
                     step(ctx, stack)
     assert ctx.hcl_file is not None
