@@ -60,8 +60,9 @@ def build(hcl_file: Path) -> int:
     made = []
     for vol in blocks(src["volume"]):
         pool = conn.storagePoolLookupByName(vol["pool"])
-        source = (blocks(vol.get("source")) or [None])[0]
-        kind = source["type"] if source else None
+        sources = blocks(vol.get("source"))
+        source = sources[0] if sources else {}
+        kind = source.get("type")
         if kind == "cloning":
             base = conn.storagePoolLookupByName(source["pool"]).storageVolLookupByName(
                 source["volume"])
@@ -83,12 +84,12 @@ def build(hcl_file: Path) -> int:
                 subprocess.run(["xorriso", "-as", "genisoimage", "-rock", "-joliet", "-volid",
                                 source["label"], "-output", str(iso), str(root)], check=True,
                                capture_output=True)
-                data = iso.read_bytes()
-            v = pool.createXML(f"<volume><name>{vol['name']}</name><capacity>{len(data)}"
+                cd = iso.read_bytes()
+            v = pool.createXML(f"<volume><name>{vol['name']}</name><capacity>{len(cd)}"
                                f"</capacity><target><format type='raw'/></target></volume>", 0)
             stream = conn.newStream(0)
-            v.upload(stream, 0, len(data), 0)
-            stream.sendAll(lambda _s, n, buf: buf.read(n), io.BytesIO(data))
+            v.upload(stream, 0, len(cd), 0)
+            stream.sendAll(lambda _s, n, buf: buf.read(n), io.BytesIO(cd))
             stream.finish()
             made.append(v)
             fmt = "raw"

@@ -189,7 +189,7 @@ def test_upload_with_wrong_checksum_leaves_nothing(pool: libvirtd.TestPool,
     src = tmp_path / "install.iso"
     src.write_bytes(b"x" * 100000)
     name = lv.source_volume_name("t", "f" * 64, ".iso")
-    with pytest.raises(BuildError, match="the image's checksum says f{64}"):
+    with pytest.raises(BuildError, match=r"the image's checksum says f{64}"):
         lv.ensure_source_volume(pool.conn, pool.name, name, "raw", 100000, "f" * 64,
                                 binary(src))
     assert pool.pool.listAllVolumes(0) == []
