@@ -10,8 +10,9 @@ APT_PACKAGES=(
     # the smoke image's source disk (scripts/make-smoke-disk.sh)
     linux-image-cloud-amd64 busybox-static dropbear-bin syslinux syslinux-common mtools
     dosfstools e2fsprogs fdisk cpio gzip xz-utils zstd
-    # libvirt backend (the Python binding builds from source against it)
-    libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
+    # libvirt backend (the Python binding builds from source against it; the plugin makes
+    # its OEMDRV kickstart CD with xorriso on the machine that runs Packer)
+    libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc xorriso
     # patch tarball tests: a real dnf repository (rpmbuild, createrepo_c) checked on the host
     createrepo-c rpm
     # checking what we ship

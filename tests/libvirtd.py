@@ -199,3 +199,58 @@ def define_domain(conn: Any, name: str, pool: str, volumes: list[str], start: bo
     if start:
         dom.create()
     return dom
+
+
+class SSHHypervisor:
+    """The local libvirtd as a remote hypervisor: an OpenSSH sshd of its own on a free port
+    of 127.0.0.1 (key login only), and the qemu+ssh:// URI that reaches libvirtd through it,
+    as production reaches its hypervisor. libvirt runs the ssh client itself; on the far side
+    virt-ssh-helper connects to the daemon."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return (f"qemu+ssh://root@127.0.0.1:{self.port}/system?keyfile={self.workdir}/id_client"
+                f"&no_verify=1&no_tty=1")
+
+    def __enter__(self) -> Self:
+        import socket
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for key in ("host_key", "id_client"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f",
+                            str(self.workdir / key)], check=True)
+        (self.workdir / "authorized_keys").write_text(
+            (self.workdir / "id_client.pub").read_text())
+        Path("/run/sshd").mkdir(exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = self.workdir / "sshd_config"
+        config.write_text(f"ListenAddress 127.0.0.1\nPort {self.port}\n"
+                          f"HostKey {self.workdir}/host_key\nPidFile {self.workdir}/sshd.pid\n"
+                          f"AuthorizedKeysFile {self.workdir}/authorized_keys\n"
+                          "PasswordAuthentication no\nPermitRootLogin prohibit-password\n"
+                          "StrictModes no\n")
+        self._proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(config), "-E",
+                                       str(self.workdir / "sshd.log")])
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"sshd did not listen on port {self.port}: "
+                           f"{(self.workdir / 'sshd.log').read_text()}")
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # The per-connection sshd processes end with their ssh client, that is with the
+        # libvirt connection, which every test closes.
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)

@@ -50,6 +50,13 @@ def pool(tmp_path: Path, libvirt_uri: str) -> Iterator[libvirtd.TestPool]:
 
 
 @pytest.fixture
+def ssh_uri(tmp_path: Path, libvirt_uri: str) -> Iterator[str]:
+    """qemu+ssh:// to the same libvirtd, through an sshd of the test's own."""
+    with libvirtd.SSHHypervisor(tmp_path / "sshd") as remote:
+        yield remote.uri
+
+
+@pytest.fixture
 def network(libvirt_uri: str) -> Iterator[libvirtd.TestNetwork]:
     with libvirtd.TestNetwork(libvirt_uri) as n:
         yield n
@@ -81,6 +88,13 @@ def test_preflight_passes(pool: libvirtd.TestPool, network: libvirtd.TestNetwork
         ("connect", True), ("storage pool", True), ("free space in pool", True),
         ("network", True)]
     assert "libvirt 9." in checks["connect"].detail or "libvirt" in checks["connect"].detail
+
+
+def test_preflight_over_ssh(pool: libvirtd.TestPool, network: libvirtd.TestNetwork,
+                            ssh_uri: str) -> None:
+    checks = checks_by_name(request(pool, network=network.name, uri=ssh_uri))
+    assert all(c.ok for c in checks.values()), checks
+    assert checks["connect"].detail.startswith("qemu+ssh://root@127.0.0.1:")
 
 
 def test_preflight_bridge(pool: libvirtd.TestPool, network: libvirtd.TestNetwork) -> None:
@@ -168,6 +182,22 @@ def test_source_upload_round_trip(pool: libvirtd.TestPool, tmp_path: Path) -> No
     back = libvirt_streams.download_stream(pool.conn, vol, out)
     assert back.sha256 == sha and back.size == len(data) and out.read_bytes() == data
     assert not list(tmp_path.glob(".*download"))
+
+
+def test_streams_over_ssh(pool: libvirtd.TestPool, ssh_uri: str, tmp_path: Path) -> None:
+    """A remote hypervisor: the source goes up and the artifact comes down through
+    qemu+ssh://, byte for byte; nothing is read from or written to the pool's folder."""
+    data = os.urandom(3 * (1 << 20) + 777)
+    src = tmp_path / "install.iso"
+    src.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    with lv.connection(ssh_uri) as conn:
+        got = lv.ensure_source_volume(conn, pool.name, "remote.iso", "raw", len(data), sha,
+                                      binary(src))
+        assert got.uploaded
+        back = libvirt_streams.download_stream(
+            conn, lv.lookup_volume(conn, pool.name, "remote.iso"), tmp_path / "back.iso")
+    assert back.sha256 == sha and (tmp_path / "back.iso").read_bytes() == data
 
 
 def test_upload_without_stamp_is_done_again(pool: libvirtd.TestPool, tmp_path: Path) -> None:
@@ -385,6 +415,20 @@ def test_build_compresses_with_zstd(repo: Path, pool: libvirtd.TestPool,
     assert info["format-specific"]["data"]["compression-type"] == "zstd"
     sha = (out.parent / "smoke.qcow2.sha256").read_text().split()[0]
     assert sha == hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def test_build_with_remote_hypervisor(repo: Path, pool: libvirtd.TestPool,
+                                      network: libvirtd.TestNetwork, ssh_uri: str) -> None:
+    """The same build with the hypervisor reached as qemu+ssh://, as in production."""
+    site = libvirt_site(repo, pool, network)
+    site.write_text(site.read_text().replace(f"uri: {URI}", f"uri: '{ssh_uri}'"))
+    proc = build_py(repo, "smoke")
+    assert proc.returncode == 0, proc.stderr
+    assert "ok connect: qemu+ssh://root@127.0.0.1:" in proc.stderr
+    assert "uploaded " in proc.stderr and "ok download artifact volume" in proc.stderr
+    assert build_leftovers(pool, "smoke") == []
+    hcl = next((repo / "build" / "smoke").glob("*/smoke.pkr.hcl")).read_text()
+    assert f'libvirt_uri = "{ssh_uri}"' in hcl
 
 
 def test_failed_build_leaves_nothing(repo: Path, pool: libvirtd.TestPool,
