@@ -77,6 +77,9 @@ def cli() -> None:
 @click.option("--keep-failed", is_flag=True,
               help="Keep the output of a failed build in build/IMAGE/VERSION/ for inspection.")
 @click.option("--no-publish", is_flag=True, help="Build and record, but do not publish.")
+@click.option("--accept-new-host-key", is_flag=True,
+              help="Trust an SSH mirror whose host key is not in known_hosts yet, and add it "
+                   "(a changed host key is always refused).")
 @click.option("--create-patches", is_flag=True,
               help="Make the next security-patch tarball in the VM instead of an image and "
                    "publish it under repos/Rocky8/ (images whose image.yaml has "
@@ -91,9 +94,13 @@ def cli() -> None:
               help="Pause after provisioner STEP. Repeatable.")
 def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Path | None,
               keep_failed: bool, no_publish: bool, debug: bool, break_before: tuple[str, ...],
-              break_after: tuple[str, ...], create_patches: bool) -> None:
+              break_after: tuple[str, ...], create_patches: bool,
+              accept_new_host_key: bool) -> None:
     """Build IMAGE (the default command: ./build.py IMAGE)."""
     from osimage.pipeline import BuildOptions, run_build
+
+    if accept_new_host_key:
+        os.environ["OSIMAGE_ACCEPT_NEW_HOST_KEY"] = "1"  # the SSH mirror reads it (sshmirror.py)
 
     opts = BuildOptions(image=image, release=release, skip_commit=skip_commit,
                         site_file=site_file, keep_failed=keep_failed, publish=not no_publish,

@@ -11,10 +11,10 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from osimage.artifacts import Artifact
 from osimage.errors import BuildError, ConfigError
@@ -80,9 +80,18 @@ class LocalMirror:
         return [f"{dest}/{src.name}" for src in sources]
 
 
-def open_mirror(url: str, root: Path) -> Mirror:
+def open_mirror(url: str, root: Path, settings: Mapping[str, Any] | None = None) -> Mirror:
+    """The mirror a site names: a local folder, or ssh://USER@HOST[:PORT]/ROOT.
+
+    settings is the site's whole mirror object (http, identity_file, known_hosts).
+    """
+    if url.startswith("ssh://"):
+        from osimage.sshmirror import SSHMirror  # paramiko loads only for an SSH mirror
+
+        return SSHMirror.from_settings(url, settings or {}, root)
     if "://" in url and not url.startswith("file://"):
-        raise ConfigError(f"mirror.url: {url!r}: only local mirror folders are supported here")
+        raise ConfigError(f"mirror.url: {url!r}: expected a local folder or "
+                          "ssh://USER@HOST[:PORT]/ROOT")
     path = Path(url.removeprefix("file://"))
     if not path.is_absolute():
         path = root / path
