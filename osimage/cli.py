@@ -262,6 +262,28 @@ def release_diff_cmd(old: str, new: str) -> None:
         click.echo(line)
 
 
+@cli.command("write-usb")
+@click.argument("image", metavar="IMAGE|FILE")
+@click.argument("device")
+@click.option("--release", metavar="X", help="IMAGE's disk file in release X.")
+@click.option("--version", "version", metavar="V",
+              help="IMAGE's build V (default: its latest clean build).")
+@click.option("--yes", is_flag=True, help="Do not ask before writing (needed without a terminal).")
+@click.option("--force", is_flag=True,
+              help="Write DEVICE even when it is not removable or is in use (mounted, swap).")
+@site_option
+def write_usb_cmd(image: str, device: str, release: str | None, version: str | None, yes: bool,
+                  force: bool, site_file: Path | None) -> None:
+    """Write IMAGE (e.g. usb-installer) or FILE to the USB stick DEVICE, then read it back and
+    check its sha256. Refuses a partition, a disk that is not removable or is in use (unless
+    --force), and asks first (unless --yes)."""
+    from osimage import usbwrite
+
+    reporter = _reporter()
+    click.echo(usbwrite.run(image, device, release, version, yes, force, site_file,
+                            reporter.info, reporter.warn))
+
+
 @cli.command("tidy")
 @click.argument("images", nargs=-1, metavar="[IMAGE]...")
 @click.option("--check", is_flag=True,
