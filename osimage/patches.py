@@ -295,6 +295,6 @@ def _publish_name(ctx: BuildContext, prefix: str, suffix: str) -> str:
 
 
 def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    mirror = open_mirror(ctx.site.mirror_url, ctx.root)
+    mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
     ctx.mirror_paths = mirror.publish(ctx.artifacts, PATCH_DIR)
     ctx.reporter.info(f"    {mirror.describe()}: {', '.join(ctx.mirror_paths)}")
