@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -50,29 +52,57 @@ def default_dest(size: int) -> Path:
     return Path(tempfile.mkdtemp(prefix="osimage-bench-"))
 
 
-def run_scp(ssh: SSHServer, cipher: str, src: Path, size: int) -> float:
+@dataclass
+class Run:
+    mibs: float  # MiB/s
+    client_cpu: float  # CPU seconds per GiB on the sending side
+    server_cpu: float  # CPU seconds per GiB of sshd (decrypt, sftp-server, write)
+
+
+def run_scp(ssh: SSHServer, cipher: str, src: Path, size: int) -> Run:
     target = ssh.root / "scp.bin"
+    server0 = ssh.sessions_cpu_seconds()
+    client0 = _children_cpu()
     start = time.monotonic()
     subprocess.run(["scp", "-q", *ssh.ssh_options(), "-c", cipher, str(src),
                     f"127.0.0.1:{target}"], check=True)
     seconds = time.monotonic() - start
+    ssh.wait_sessions_ended()
     assert target.stat().st_size == size
     target.unlink()
-    return size / MiB / seconds
+    gib = size / 2**30
+    return Run(size / MiB / seconds, (_children_cpu() - client0) / gib,
+               (ssh.sessions_cpu_seconds() - server0) / gib)
 
 
 def run_publisher(ssh: SSHServer, http: HTTPServer, art: artifacts.Artifact,
-                  round_no: int) -> tuple[float, float, str]:
+                  round_no: int) -> tuple[Run, float, str]:
+    """The upload's figures (publish() without its HTTP check), the check's MiB/s, cipher."""
+    sent_cpu: list[float] = []
+
+    def progress(name: str, done: int, total: int) -> None:
+        if name == art.name and done == total:
+            sent_cpu.append(time.process_time())
+
     mirror = SSHMirror(ssh.url, http.url, identity_file=ssh.client_key,
-                       known_hosts=ssh.known_hosts)
-    dest = f"builds/bench/{round_no}"
+                       known_hosts=ssh.known_hosts, progress=progress)
+    server0 = ssh.sessions_cpu_seconds()
+    client0 = time.process_time()
     start = time.monotonic()
-    mirror.publish([art], dest)
+    mirror.publish([art], f"builds/bench/{round_no}")
     seconds = time.monotonic() - start - mirror.stats.verify_seconds
+    ssh.wait_sessions_ended()
     assert mirror.stats.bytes_sent >= art.size
     shutil.rmtree(ssh.root / "builds")
-    verify = art.size / MiB / mirror.stats.verify_seconds
-    return art.size / MiB / seconds, verify, mirror.stats.cipher
+    gib = art.size / 2**30
+    run = Run(art.size / MiB / seconds, (sent_cpu[0] - client0) / gib,
+              (ssh.sessions_cpu_seconds() - server0) / gib)
+    return run, art.size / MiB / mirror.stats.verify_seconds, mirror.stats.cipher
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -85,7 +115,7 @@ def main() -> int:
     dest = args.dest_dir or default_dest(size)
     dest.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="osimage-bench-src-"))
-    results: dict[str, list[float]] = {f"scp {c}": [] for c in SCP_CIPHERS}
+    results: dict[str, list[Run]] = {f"scp {c}": [] for c in SCP_CIPHERS}
     results["publisher"] = []
     verify: list[float] = []
     try:
@@ -100,29 +130,34 @@ def main() -> int:
                 order = methods[r % len(methods):] + methods[:r % len(methods)]
                 for method in order:
                     if method == "publisher":
-                        mibs, check, cipher = run_publisher(ssh, http, art, r)
+                        run, check, cipher = run_publisher(ssh, http, art, r)
                         verify.append(check)
                         label = f"publisher ({cipher}, sha256 while sending)"
                     else:
-                        mibs = run_scp(ssh, method.split()[1], src, size)
+                        run = run_scp(ssh, method.split()[1], src, size)
                         label = method
-                    results[method].append(mibs)
-                    print(f"round {r + 1}: {label:55} {mibs:7.1f} MiB/s", flush=True)
+                    results[method].append(run)
+                    print(f"round {r + 1}: {label:55} {run.mibs:7.1f} MiB/s   CPU s/GiB: "
+                          f"client {run.client_cpu:4.2f}, sshd {run.server_cpu:4.2f}",
+                          flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if args.dest_dir is None:
             shutil.rmtree(dest, ignore_errors=True)
     print()
-    medians = {m: statistics.median(v) for m, v in results.items()}
-    for method, values in results.items():
-        runs = " ".join(f"{v:6.1f}" for v in values)
-        print(f"{method:40} median {medians[method]:7.1f}  best {max(values):7.1f}  "
-              f"runs {runs}")
-    print(f"{'publisher HTTP verification':40} median {statistics.median(verify):7.1f} MiB/s")
+    medians = {m: statistics.median(r.mibs for r in v) for m, v in results.items()}
+    for method, runs in results.items():
+        figures = " ".join(f"{r.mibs:6.1f}" for r in runs)
+        client = statistics.median(r.client_cpu for r in runs)
+        server = statistics.median(r.server_cpu for r in runs)
+        print(f"{method:34} MiB/s median {medians[method]:6.1f} best "
+              f"{max(r.mibs for r in runs):6.1f} (runs {figures});  CPU s/GiB client "
+              f"{client:4.2f} sshd {server:4.2f}")
+    print(f"{'publisher HTTP verification':34} MiB/s median {statistics.median(verify):6.1f}")
     best_scp = max((m for m in medians if m.startswith("scp")), key=lambda m: medians[m])
     ratio = medians["publisher"] / medians[best_scp]
-    best_ratio = max(results["publisher"]) / max(max(results[m]) for m in medians
-                                                 if m.startswith("scp"))
+    best_ratio = max(r.mibs for r in results["publisher"]) / max(
+        r.mibs for m in medians if m.startswith("scp") for r in results[m])
     print(f"\npublisher / {best_scp}: {ratio:.2f}x by median, {best_ratio:.2f}x best against "
           f"best (target >= 0.80x)")
     return 0

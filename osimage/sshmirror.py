@@ -55,9 +55,9 @@ from osimage.runner import check_interrupted
 # fallbacks for servers without it.
 CIPHERS = ("aes128-gcm@openssh.com", "aes128-ctr", "aes256-gcm@openssh.com", "aes256-ctr")
 REQUEST_SIZE = 255 * 1024  # OpenSSH's sftp-server takes messages up to 256 KiB
-BLOCK = 4 * REQUEST_SIZE  # local read size: whole requests, and large enough that hashlib
-WRITES_IN_FLIGHT = 32  # releases the GIL; the server's SSH window limits the rest
-WINDOW = 64 << 20
+BLOCK = 4 * REQUEST_SIZE  # local reads: whole requests, big enough that hashlib drops the GIL
+WRITES_IN_FLIGHT = 32  # unanswered writes; the server's SSH window (2 MiB) limits them anyway
+WINDOW = 64 << 20  # ours, for what the server sends (answers only, in an upload)
 CONNECT_TIMEOUT = 15.0
 IO_TIMEOUT = 120.0  # a mirror silent this long counts as a dropped connection
 HTTP_TIMEOUT = 60.0
@@ -542,15 +542,23 @@ class SSHMirror:
                               f"{self._phase}; {self._outcome()}",
                               hint="run again: the upload resumes where it stopped")
         code = e.errno if isinstance(e, OSError) else None
-        if code in (errno.ENOSPC, errno.EDQUOT) or (
-                code is None and self._disk_full(sftp, remote_dir)):
+        disk_full = code in (errno.ENOSPC, errno.EDQUOT) or (
+            code is None and self._disk_full(sftp, remote_dir))
+        # OpenSSH's sftp-server answers a failed write with a bare "Failure"
+        write_refused = code is None and self._phase.startswith("uploading")
+        if disk_full or write_refused:
             for item in items:
                 if item.partial_exists and not item.skip:
                     with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                         sftp.remove(posixpath.join(remote_dir, item.partial))
+        if disk_full:
             return BuildError(f"mirror disk full while {self._phase} to {loc.host}:"
                               f"{remote_dir}; {self._outcome()}",
                               hint="free space on the mirror, then run again")
+        if write_refused:
+            return BuildError(f"mirror {loc}: the mirror refused a write while {self._phase} "
+                              f"({_reason(e)}: over quota, or a disk error); {self._outcome()}",
+                              hint="check the quota and the disk of the mirror, then run again")
         return BuildError(f"mirror {loc}: {self._phase} failed: {_reason(e)}; "
                           f"{self._outcome()}")
 

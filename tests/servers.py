@@ -195,6 +195,19 @@ class SSHServer:
                 os.kill(pid, signal.SIGKILL)
         return len(pids)
 
+    def sessions_cpu_seconds(self) -> float:
+        """CPU time (user + system) of the connection processes that have ended so far."""
+        if self._proc is None:
+            return 0.0
+        fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cutime, cstime = int(fields[13]), int(fields[14])  # stat fields 16 and 17
+        return (cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+    def wait_sessions_ended(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.session_pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def stop(self) -> None:
         if self._proc is None:
             return

@@ -307,3 +307,29 @@ def test_site_schema_wants_http_for_an_ssh_mirror() -> None:
                          "identity_file": "~/.ssh/id_mirror", "known_hosts": "known_hosts"}},
              "site", "site.yaml")
     validate({"mirror": {"url": "mirror"}}, "site", "site.yaml")
+
+
+def test_ctrl_c_stops_the_upload_and_the_next_run_resumes(ssh: SSHServer, http: HTTPServer,
+                                                          tmp_path: Path) -> None:
+    import signal
+
+    from osimage.errors import Interrupted
+    from osimage.runner import forwarded_signals
+
+    size = 160 * MiB
+    art = make_artifact(tmp_path, "smoke.qcow2", size)
+    sent: list[int] = []
+
+    def ctrl_c(name: str, done: int, total: int) -> None:
+        if not sent and done >= 8 * MiB:
+            sent.append(done)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with forwarded_signals(), pytest.raises(Interrupted):
+        mirror(ssh, http, progress=ctrl_c).publish([art], DEST)
+    assert os.listdir(ssh.root / DEST) == [f".{art.name}.partial-{art.sha256[:16]}"]
+    m = mirror(ssh, http)
+    with forwarded_signals():  # a new run starts with no stop request
+        m.publish([art], DEST)
+    assert 0 < m.stats.bytes_sent < size
+    assert_published(ssh, [art])
