@@ -78,25 +78,27 @@ def build_py(repo: Path, *args: str, timeout: float = 240,
                           stdin=subprocess.DEVNULL)
 
 
-def qemu_pids() -> set[int]:
-    """Live qemu processes (zombies are already dead: their parent just has not reaped them)."""
+def qemu_pids(under: Path | None = None) -> set[int]:
+    """Live qemu processes, only those whose command line names a path under `under` if given
+    (so tests running side by side do not see each other's VMs). Zombies are already dead."""
     out = subprocess.run(["pgrep", "-f", "qemu-system"], capture_output=True, text=True)
     pids = set()
     for p in out.stdout.split():
         try:
             state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, IndexError):
             continue
-        if state != "Z":
+        if state != "Z" and (under is None or str(under) in cmdline):
             pids.add(int(p))
     return pids
 
 
 @pytest.fixture
-def no_leftover_qemu() -> Iterator[None]:
-    before = qemu_pids()
+def no_leftover_qemu(repo: Path) -> Iterator[None]:
+    """After the test, no qemu of the test's repository is running."""
     yield
-    left = qemu_pids() - before
+    left = qemu_pids(repo)
     assert not left, f"qemu processes left behind: {left}"
 
 

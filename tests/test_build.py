@@ -107,7 +107,7 @@ def test_dirty_tree_refused_then_skip_commit(repo: Path) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_build(repo: Path, sig: signal.Signals) -> None:
-    before = qemu_pids()
+    before = qemu_pids(repo)
     proc = subprocess.Popen([sys.executable, str(repo / "build.py"), "smoke"], cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL)
@@ -119,7 +119,7 @@ def test_interrupt_mid_build(repo: Path, sig: signal.Signals) -> None:
             break
     else:
         pytest.fail("build ended before the VM started:\n" + "".join(seen))
-    assert qemu_pids() - before, "no qemu running mid-build"
+    assert qemu_pids(repo) - before, "no qemu running mid-build"
     t0 = time.monotonic()
     proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=40)
@@ -127,7 +127,7 @@ def test_interrupt_mid_build(repo: Path, sig: signal.Signals) -> None:
     assert proc.returncode == 130, "".join(seen) + rest
     assert stopped < 30, f"took {stopped:.1f} s to stop"
     assert "interrupted" in rest
-    assert not (qemu_pids() - before), "qemu left running"
+    assert not (qemu_pids(repo) - before), "qemu left running"
     assert not (repo / "images/smoke/manifest.json").exists()
     assert not (repo / "mirror/builds/smoke").exists() or not any(
         (repo / "mirror/builds/smoke").rglob("*.qcow2"))

@@ -38,7 +38,7 @@ def ssh(login: str, command: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.vm
 def test_debug_steps_logs_in_and_finishes(repo: Path) -> None:
-    before = qemu_pids()
+    before = qemu_pids(repo)
     child = spawn(repo, "smoke", "--debug")
     login = None
     pauses = 0
@@ -65,7 +65,7 @@ def test_debug_steps_logs_in_and_finishes(repo: Path) -> None:
     assert not (repo / "mirror/builds").exists() or not any((repo / "mirror/builds").iterdir())
     assert not (repo / "images/smoke/manifest.json").exists()
     assert not Path(LOGIN.search(login).group(1)).exists()  # type: ignore[union-attr]
-    assert not (qemu_pids() - before)
+    assert not (qemu_pids(repo) - before)
 
 
 @pytest.mark.vm
@@ -87,7 +87,7 @@ def test_break_after_pauses_there_only(repo: Path) -> None:
 def test_debug_failed_step_abort_leaves_nothing(repo: Path) -> None:
     (repo / "images/smoke/provision/marker.sh").write_text("#!/bin/sh\necho broken >&2\nexit 7\n")
     git(repo, "commit", "-qam", "break the provisioner")
-    before = qemu_pids()
+    before = qemu_pids(repo)
     child = spawn(repo, "smoke", "--debug")
     while True:
         i = child.expect([PAUSE, ASK])
@@ -95,14 +95,14 @@ def test_debug_failed_step_abort_leaves_nothing(repo: Path) -> None:
             child.send("\r")
             continue
         # the VM is kept while the question is open
-        assert qemu_pids() - before, "the VM should still run while packer asks"
+        assert qemu_pids(repo) - before, "the VM should still run while packer asks"
         child.send("a\r")
         break
     while child.expect([PAUSE, pexpect.EOF]) == 0:  # -debug pauses before each cleanup too
         child.send("\r")
     child.close()
     assert child.exitstatus == 1, str(child.before)
-    assert not (qemu_pids() - before), "abort must still leave no qemu behind"
+    assert not (qemu_pids(repo) - before), "abort must still leave no qemu behind"
     assert not list((repo / "build/smoke").glob("*/output"))
     assert not (repo / "images/smoke/manifest.json").exists()
 
