@@ -15,6 +15,9 @@ APT_PACKAGES=(
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc xorriso
     # patch tarball tests: a real dnf repository (rpmbuild, createrepo_c) checked on the host
     createrepo-c rpm
+    # rocky8-base's playbooks (ansible-playbook); usb-installer: the tests' live ISO (isolinux),
+    # the stick's UEFI loader (grub-mkstandalone) and UEFI boots of the stick (ovmf)
+    ansible isolinux syslinux-utils grub-efi-amd64-bin grub-common ovmf
     # checking what we ship
     shellcheck
 )
