@@ -16,7 +16,7 @@ grep -q " $boot " /proc/mounts || { echo "overlay: $boot is not mounted" >&2; ex
 kernel=$(find "$boot/boot" -maxdepth 1 -name 'vmlinuz-*' | sort | head -n 1)
 [ -n "$kernel" ] || { echo "overlay: no boot/vmlinuz-* on the boot media" >&2; exit 1; }
 flavor=${kernel##*/vmlinuz-}
-cmdline="modules=loop,squashfs,sd-mod,usb-storage,nvme quiet console=tty0 console=ttyS0,115200n8"
+cmdline="modules=loop,squashfs,sd-mod,usb-storage,nvme modloop=/boot/modloop-$flavor quiet console=tty0 console=ttyS0,115200n8"
 
 cat > "$boot/boot/syslinux/syslinux.cfg" <<CFG
 SERIAL 0 115200
