@@ -144,6 +144,15 @@ class TestPool:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
+        # A domain on this pool's volumes (a test that failed before its own cleanup) goes
+        # with the pool.
+        with contextlib.suppress(Exception):
+            for dom in self.conn.listAllDomains(0):
+                if f"pool='{self.name}'" in dom.XMLDesc(0):
+                    with contextlib.suppress(Exception):
+                        dom.destroy()
+                    with contextlib.suppress(Exception):
+                        dom.undefine()
         with contextlib.suppress(Exception):
             for vol in self.pool.listAllVolumes(0):
                 vol.delete(0)

@@ -5,8 +5,10 @@ preflight checks and their hints, streams in and out of a pool, what builds leav
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
+import io
 import json
 import os
 import signal
@@ -17,7 +19,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import pytest
 
@@ -225,6 +227,28 @@ def test_upload_with_wrong_checksum_leaves_nothing(pool: libvirtd.TestPool,
     assert pool.pool.listAllVolumes(0) == []
 
 
+def test_upload_cut_short_leaves_nothing(pool: libvirtd.TestPool) -> None:
+    """An upload that stops half way (here the source fails; Ctrl-C takes the same path)
+    removes its volume: a partial source is never left to look complete."""
+
+    class Failing(io.RawIOBase):
+        sent = 0
+
+        def read(self, n: int = -1) -> bytes:
+            self.sent += n
+            if self.sent > 3 << 20:
+                raise BuildError("source went away")
+            return b"y" * n
+
+    def opener() -> contextlib.AbstractContextManager[IO[bytes]]:
+        return contextlib.nullcontext(cast(IO[bytes], Failing()))
+
+    with pytest.raises(BuildError, match="source went away"):
+        lv.ensure_source_volume(pool.conn, pool.name, "cut.iso", "raw", 8 << 20, "0" * 64,
+                                opener)
+    assert pool.pool.listAllVolumes(0) == []
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -273,15 +297,28 @@ def test_sparse_download_keeps_holes(pool: libvirtd.TestPool, tmp_path: Path) ->
 # --- leftovers and clean ---------------------------------------------------------------------
 
 
-def leftover_domain(pool: libvirtd.TestPool, prefix: str, volumes: list[str]) -> Any:
+@pytest.fixture
+def domains(libvirt_uri: str) -> Iterator[list[str]]:
+    """Names of domains a test defines; whatever is left of them is removed after it."""
+    names: list[str] = []
+    yield names
+    with lv.connection(libvirt_uri) as conn:
+        for name in names:
+            libvirt_clean.remove_domain(conn, name)
+
+
+def leftover_domain(pool: libvirtd.TestPool, prefix: str, volumes: list[str],
+                    domains: list[str]) -> Any:
     for v in volumes:
         lv.create_volume(pool.conn, pool.name, v, 1 << 20, "raw")
+    domains.append(prefix + "dom")
     return libvirtd.define_domain(pool.conn, prefix + "dom", pool.name, volumes[:1])
 
 
-def test_find_leftovers_with_ages(pool: libvirtd.TestPool) -> None:
+def test_find_leftovers_with_ages(pool: libvirtd.TestPool, domains: list[str]) -> None:
     prefix = libvirtd.unique("packer-t") + "-"
-    leftover_domain(pool, prefix, [f"{prefix}dom-artifact.qcow2", f"{prefix}dom-oemdrv.iso"])
+    leftover_domain(pool, prefix, [f"{prefix}dom-artifact.qcow2", f"{prefix}dom-oemdrv.iso"],
+                    domains)
     lv.create_volume(pool.conn, pool.name, "osimage-src-keep.iso", 1024, "raw")
     later = time.time() + 3 * 3600
     found = {i.label: i for i in libvirt_clean.find_leftovers(pool.conn, prefix, now=later)}
@@ -296,10 +333,10 @@ def test_find_leftovers_with_ages(pool: libvirtd.TestPool) -> None:
     assert {r.action for r in young} == {"keep (younger than 2.0h)"}
 
 
-def test_clean_command(pool: libvirtd.TestPool, repo: Path) -> None:
+def test_clean_command(pool: libvirtd.TestPool, repo: Path, domains: list[str]) -> None:
     prefix = libvirtd.unique("packer-t") + "-"
     names = [f"{prefix}dom-artifact.qcow2", f"{prefix}dom-disk2.raw"]
-    leftover_domain(pool, prefix, names)
+    leftover_domain(pool, prefix, names, domains)
     args = ["clean", "--uri", URI, "--prefix", prefix]
     dry = build_py(repo, *args, "--older-than", "0")
     assert dry.returncode == 0, dry.stderr
@@ -324,9 +361,9 @@ def test_clean_without_hypervisor(repo: Path) -> None:
     assert proc.returncode == 2 and "--older-than: 'soon' is not an age" in proc.stderr
 
 
-def test_remove_build_takes_only_its_own(pool: libvirtd.TestPool) -> None:
+def test_remove_build_takes_only_its_own(pool: libvirtd.TestPool, domains: list[str]) -> None:
     dom = libvirtd.unique("packer-osimage-t-")
-    leftover_domain(pool, dom, [f"{dom}dom-artifact.qcow2", f"{dom}dom-oemdrv.iso"])
+    leftover_domain(pool, dom, [f"{dom}dom-artifact.qcow2", f"{dom}dom-oemdrv.iso"], domains)
     lv.create_volume(pool.conn, pool.name, f"{dom}other-artifact.qcow2", 1024, "raw")
     removed = libvirt_clean.remove_build(pool.conn, pool.name, f"{dom}dom")
     assert removed == [f"domain {dom}dom", f"volume {pool.name}/{dom}dom-artifact.qcow2",
