@@ -11,7 +11,7 @@ swap or held by device-mapper/RAID); the user must type "yes" unless --yes, and 
 terminal to ask on, --yes is required. The image is written in one pass that hashes what it
 reads; the device is flushed and its cache dropped, then read back and its sha256 compared with
 the image's (and the image's with the recorded one). Refusals exit 2 and write nothing; a
-failed write or check exits 1.
+failed write or check exits 1, Ctrl-C 130.
 
 Tests stand a regular file in for the device: OSIMAGE_WRITE_USB_SYSROOT names a folder laid out
 like / (sys/class/block/NAME/{removable,size,...}, proc/self/mounts, proc/swaps) that the checks
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from osimage.errors import BuildError, ConfigError
+from osimage.errors import BuildError, ConfigError, Interrupted
 
 SYSROOT_ENV = "OSIMAGE_WRITE_USB_SYSROOT"
 CHUNK = 4 << 20
@@ -337,7 +337,7 @@ def run(what: str, device: str, release_name: str | None, version: str | None, y
         with _progress(source.size, "verify") as tick:
             back = read_back(dev.node, source.size, tick)
     except KeyboardInterrupt:
-        raise BuildError(f"interrupted: {dev.path} is only partly written") from None
+        raise Interrupted(f"interrupted: {dev.path} is only partly written") from None
     if source.sha256 is not None and written != source.sha256:
         raise BuildError(f"{source.path}: sha256 {written} was read, {source.sha256} is "
                          f"recorded: the image is damaged, and so is what {dev.path} holds now")

@@ -189,3 +189,31 @@ def test_build_without_the_dvd_is_refused_before_packer(r8_repo: Path, tmp_path:
     assert proc.returncode == 2, proc.stderr
     assert "build/isos/Rocky-8.5-x86_64-dvd1.iso does not exist" in proc.stderr
     assert "packer build" not in proc.stderr
+
+
+LIBVIRT_SITE = """\
+backend: libvirt
+libvirt:
+  uri: qemu+ssh://root@kvm01.example/system
+  pool: images
+  network: builds
+"""
+
+
+def test_libvirt_render_puts_the_rendered_kickstart_on_the_oemdrv_cd(r8_repo: Path,
+                                                                     tmp_path: Path) -> None:
+    from osimage import hclschema
+
+    site = tmp_path / "libvirt-site.yaml"
+    site.write_text(LIBVIRT_SITE)
+    proc = build_py(r8_repo, "render", "rocky8-base", "--site", str(site))
+    assert proc.returncode == 0, proc.stderr
+    hcl = r8_repo / proc.stdout.strip()
+    parsed = hclschema.check_text(hcl.read_text(), str(hcl))
+    src = parsed["source"][0]["libvirt"]["rocky8-base"]
+    oemdrv = next(v for v in src["volume"] if v.get("alias") == "oemdrv")["source"][0]
+    assert oemdrv["files"] == [str(hcl.parent / "http" / "ks.cfg")]
+    key = oemdrv["contents"]["osimage/authorized_keys"].strip()
+    assert f'sshkey --username=root "{key}"' in (hcl.parent / "http" / "ks.cfg").read_text()
+    assert "inst.ks=hd:LABEL=OEMDRV:/ks.cfg" in src["boot_command"][0]
+    assert hcl.read_text().count("use_proxy       = false") == 2

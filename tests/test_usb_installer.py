@@ -312,3 +312,22 @@ def test_stick_scripts_pass_shellcheck(tmp_path: Path) -> None:
     proc = subprocess.run(["shellcheck", "-S", "warning", str(INSTALLER), str(live_ssh),
                            str(LIVE_SCRIPT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_libvirt_render_uploads_the_payload_and_reads_live_ssh_from_the_cd(
+        usb_repo: Path, tmp_path: Path) -> None:
+    from osimage import hclschema
+
+    site = tmp_path / "libvirt-site.yaml"
+    site.write_text("backend: libvirt\nlibvirt:\n  uri: qemu+ssh://root@kvm01.example/system\n"
+                    "  pool: images\n  network: builds\n")
+    proc = build_py(usb_repo, "render", "usb-installer", "--site", str(site))
+    assert proc.returncode == 0, proc.stderr
+    hcl = usb_repo / proc.stdout.strip()
+    text = hcl.read_text()
+    src = hclschema.check_text(text, str(hcl))["source"][0]["libvirt"]["usb-installer"]
+    oemdrv = next(v for v in src["volume"] if v.get("alias") == "oemdrv")["source"][0]
+    assert oemdrv["files"] == [str(hcl.parent / "http" / "live-ssh.sh")]
+    fetch = src["boot_command"][2]
+    assert "hd:LABEL=OEMDRV:/live-ssh.sh ||" in fetch and "findfs LABEL=OEMDRV" in fetch
+    assert 'destination = "/mnt/osimage-payload/payload-stand-in.raw"' in text
