@@ -12,7 +12,7 @@ import pytest
 
 from osimage import httpdir
 from osimage.errors import BuildError, ConfigError
-from tests.conftest import PROJECT, build_py, make_repo
+from tests.conftest import PROJECT, build_py, git, make_repo
 
 IMAGE = PROJECT / "images" / "rocky8-base"
 PLAYBOOKS = sorted((IMAGE / "ansible").glob("*.yml"))
@@ -217,3 +217,33 @@ def test_libvirt_render_puts_the_rendered_kickstart_on_the_oemdrv_cd(r8_repo: Pa
     assert f'sshkey --username=root "{key}"' in (hcl.parent / "http" / "ks.cfg").read_text()
     assert "inst.ks=hd:LABEL=OEMDRV:/ks.cfg" in src["boot_command"][0]
     assert hcl.read_text().count("use_proxy       = false") == 2
+
+
+@pytest.mark.vm
+@needs("ansible-playbook")
+def test_ansible_provisioner_logs_in_with_the_build_key(repo: Path, tmp_path: Path,
+                                                       no_leftover_qemu: None) -> None:
+    """The template's ansible provisioner (use_proxy = false) in a real build of the smoke
+    image: ansible-playbook reaches the VM with the build's key. The smoke VM has no Python,
+    so the playbook uses the raw module only."""
+    image = repo / "images" / "smoke"
+    (image / "provision" / "raw.yml").write_text(
+        "---\n- name: Raw\n  hosts: all\n  gather_facts: false\n  tasks:\n"
+        "    - name: Marker\n      ansible.builtin.raw: "
+        "echo \"ansible {{ OSIMAGE_IMAGE }} $(id -u)\" > /data/ansible-marker && sync\n")
+    text = (image / "image.yaml").read_text()
+    text = text.replace("provisioners:\n", "provisioners:\n  - name: raw\n    type: ansible\n"
+                                          "    playbook: provision/raw.yml\n", 1)
+    (image / "image.yaml").write_text(text)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "smoke: an ansible provisioner")
+    proc = build_py(repo, "smoke")
+    assert proc.returncode == 0, proc.stderr
+    log = next((repo / "build" / "smoke").glob("*/packer.log")).read_text()
+    assert "Not using Proxy adapter for Ansible run" in log
+    artifact = next((repo / "mirror" / "builds" / "smoke").glob("*/smoke.qcow2"))
+    raw = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(artifact), str(raw)], check=True)
+    marker = subprocess.run(["debugfs", "-R", "cat /ansible-marker", f"{raw}?offset=67108864"],
+                            check=True, capture_output=True, text=True).stdout
+    assert marker.strip() == "ansible smoke 0"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT, build_py, git, make_repo
+from tests.conftest import PROJECT, build_py, git, make_repo, qemu_pids
 
 LIVE_SCRIPT = PROJECT / "tests" / "usb" / "make-usb-test-live.sh"
 INSTALLER = PROJECT / "images" / "usb-installer" / "installer" / "osimage-install"
@@ -154,6 +154,7 @@ def test_stick_installs_the_release_payload(usb_repo: Path, tmp_path: Path) -> N
     proc = build(usb_repo, "usb-installer-test", "--release", RELEASE)
     assert proc.returncode == 0, proc.stderr
     built_in = time.monotonic() - t0
+    assert not qemu_pids(usb_repo), "the build left its VM running"
     want = hashlib.sha256(payload_bytes()).hexdigest()
     for step in ("resolve payload", "fetch payload", "packer build", "publish to mirror"):
         assert f"ok {step} (" in proc.stderr
