@@ -387,8 +387,20 @@ def step_checksums(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         ctx.reporter.info(f"    {a.name}: {a.size / 2**20:.1f} MiB, sha256 {a.sha256}")
 
 
+def step_check_mirror(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    """A remote mirror that cannot be reached, or whose host key is unknown, fails the build
+    now rather than after the VM has run."""
+    mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
+    connect = getattr(mirror, "connect", None)
+    if connect is None:
+        return
+    with connect():
+        pass
+    ctx.reporter.info(f"    {mirror.describe()}: reachable")
+
+
 def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    mirror = open_mirror(ctx.site.mirror_url, ctx.root)
+    mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
     ctx.mirror_paths = mirror.publish(ctx.artifacts, ctx.mirror_dest)
     ctx.reporter.info(f"    {mirror.describe()}: {ctx.mirror_dest}/")
 
@@ -424,6 +436,7 @@ def step_manifest(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 
 BUILD_STEPS: list[tuple[str, Step]] = [
+    ("check mirror", step_check_mirror),
     ("security patches", patches.step_fetch),  # before anything else: a --release build
     ("prepare source", step_source),
     ("resolve payload", payload.step_resolve),  # images that embed a release's image only
@@ -455,6 +468,8 @@ def mode_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[s
         drop |= {payload.step_resolve, payload.step_fetch}
     if not httpdir.has_templates(ctx.image):
         drop.add(httpdir.step_http)
+    if not ctx.site.mirror_url.startswith("ssh://"):
+        drop.add(step_check_mirror)  # a local mirror folder has nothing to check in advance
     return [s for s in steps if s[1] not in drop]
 
 
@@ -479,9 +494,10 @@ def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContex
         patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
         steps = BUILD_STEPS
         if not opts.publish:
-            steps = [s for s in steps if s[1] is not step_publish]
+            steps = [s for s in steps if s[1] not in (step_publish, step_check_mirror)]
         if opts.interactive:  # a debug build is never published nor recorded
-            steps = [s for s in steps if s[1] not in (step_publish, step_manifest)]
+            steps = [s for s in steps
+                     if s[1] not in (step_publish, step_manifest, step_check_mirror)]
         steps = backend_steps(ctx, mode_steps(ctx, steps))
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             for name, step in steps:
@@ -507,7 +523,8 @@ def render_only(root: Path, opts: BuildOptions, reporter: Reporter) -> Path:
         patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             upto = [s[1] for s in BUILD_STEPS].index(step_render) + 1
-            for name, step in backend_steps(ctx, mode_steps(ctx, BUILD_STEPS[:upto])):
+            steps = [s for s in BUILD_STEPS[:upto] if s[1] is not step_check_mirror]
+            for name, step in backend_steps(ctx, mode_steps(ctx, steps)):
                 with reporter.step(name):
                     step(ctx, stack)
     assert ctx.hcl_file is not None
