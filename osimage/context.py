@@ -48,6 +48,7 @@ class BuildContext:
     http_dir: Path | None = None  # http_directory rendered for this build (osimage/httpdir.py)
     payload: Any = None  # payload.Payload: a release's image embedded in this one
     libvirt: Any = None  # libvirt_steps.LibvirtBuild: hypervisor connection, domain name
+    exports: Any = None  # exports.Exports: the diskless outputs (rootfs, squashfs, OCI)
 
     @property
     def interactive(self) -> bool:

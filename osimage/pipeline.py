@@ -25,6 +25,7 @@ from osimage import (
     artifacts,
     config,
     debug,
+    exports,
     gitstate,
     httpdir,
     manifest,
@@ -218,6 +219,7 @@ def template_variables(ctx: BuildContext) -> dict[str, Any]:
                                  "note": f"osimage: paused after step '{prov['name']}'"})
     provisioners = patches.provisioners(ctx, provisioners, env)
     provisioners = payload.provisioners(ctx, provisioners)
+    provisioners = exports.provisioners(ctx, provisioners)  # the rootfs tar, last
     assert ctx.key_file is not None
     qemu = ctx.site.data["qemu"]
     ssh = data.get("ssh", {})
@@ -410,7 +412,8 @@ def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
         "name": ctx.image.name,
         "builder_type": ctx.builder_type,
         "build_time": ctx.build_time,
-        "files": [{"name": a.name, "size": a.size} for a in ctx.artifacts],
+        "files": [{"name": a.name, "size": a.size, **exports.file_kind(ctx, a.name)}
+                  for a in ctx.artifacts],
         "artifact_id": ctx.artifact_id or ctx.image.name,
         "packer_run_uuid": ctx.run_uuid,
         "custom_data": {
@@ -424,6 +427,7 @@ def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
             "accelerator": ctx.accelerator,
             "patches": patches.record(ctx),
             "payload": payload.record(ctx),
+            "exports": exports.record(ctx),
             "osimage_version": __version__,
         },
     }
@@ -448,6 +452,7 @@ BUILD_STEPS: list[tuple[str, Step]] = [
     ("collect patch tarball", patches.step_collect),  # --create-patches only
     ("publish patch tarball", patches.step_publish),
     ("hash artifacts", step_checksums),
+    *exports.STEPS,  # images with outputs.rootfs only: rootfs, kernel, squashfs, OCI
     ("publish to mirror", step_publish),
     ("record in manifest.json", step_manifest),
 ]
@@ -468,6 +473,7 @@ def mode_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[s
         drop |= {payload.step_resolve, payload.step_fetch}
     if not httpdir.has_templates(ctx.image):
         drop.add(httpdir.step_http)
+    drop |= exports.unused_steps(ctx)
     if not ctx.site.mirror_url.startswith("ssh://"):
         drop.add(step_check_mirror)  # a local mirror folder has nothing to check in advance
     return [s for s in steps if s[1] not in drop]

@@ -454,7 +454,7 @@ def _entry_from_build(root: Path, image: str, version: str | None) -> ImageEntry
             raise ReleaseError(f"{shown}: build {data['version']} of {image} does not record "
                                f"the size, sha256 and mirror_path of {name or 'its files'}")
         files.append(FileEntry(path=f"{data['mirror_path']}/{Path(name).name}",
-                               size=int(f["size"]), sha256=str(digest)))
+                               size=int(f["size"]), sha256=str(digest), kind=f.get("kind")))
     if not files:
         raise ReleaseError(f"{shown}: build {data['version']} of {image} has no files")
     return ImageEntry(version=str(data["version"]), git_commit=str(data["git_commit"]),

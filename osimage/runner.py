@@ -125,6 +125,7 @@ def run(
     on_line: Callable[[str], None] | None = None,
     log: IO[str] | None = None,
     stdin_data: str | None = None,
+    stdin_file: Path | None = None,
     check: bool = True,
     what: str | None = None,
     tail_lines: int = 30,
@@ -140,14 +141,19 @@ def run(
     if env:
         full_env.update(env)
     tail: deque[str] = deque(maxlen=tail_lines)
-    with forwarded_signals() as stop:
+    with forwarded_signals() as stop, contextlib.ExitStack() as files:
         check_interrupted()
+        stdin: IO[bytes] | int = subprocess.DEVNULL
+        if stdin_data is not None:
+            stdin = subprocess.PIPE
+        elif stdin_file is not None:  # e.g. tar2sqfs reads its tar on stdin
+            stdin = files.enter_context(stdin_file.open("rb"))
         try:
             proc = subprocess.Popen(
                 args,
                 cwd=cwd,
                 env=full_env,
-                stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 process_group=0,
