@@ -178,16 +178,33 @@ def test_smoke_diskless_exports(repo: Path, tmp_path: Path, no_leftover_qemu: No
         ["skopeo", "inspect", f"oci-archive:{published / 'smoke-oci.tar'}"], check=True,
         capture_output=True, text=True).stdout)["Labels"]["osimage.git_commit"] == commit
 
-    # the squashfs unpacks to the same tree, and the same tar makes the same bytes again
-    unpacked = tmp_path / "unsquashed"
-    subprocess.run(["unsquashfs", "-no-progress", "-d", str(unpacked),
-                    str(published / "smoke.squashfs")], check=True, capture_output=True)
-    assert dir_tree(unpacked) == rootfs
+    # the same tar and commit make the same squashfs, byte for byte
     again = tmp_path / "again.squashfs"
     epoch = git(repo, "show", "-s", "--format=%ct", commit).strip()
     exports.make_squashfs(published / "smoke-rootfs.tar", again, "zstd", epoch,
                           tmp_path / "again.log")
-    assert again.read_bytes() == (published / "smoke.squashfs").read_bytes()
+    again_bytes = again.read_bytes()
+    assert again_bytes == (published / "smoke.squashfs").read_bytes()
+
+    # a release records every export with its kind, and verifies them against the mirror
+    recorded = build_py(repo, "release", "record", "1.0", "smoke")
+    assert recorded.returncode == 0, recorded.stderr
+    doc = (repo / "manifests" / "manifest.yaml").read_text()
+    for name, kind in kinds.items():
+        assert f"builds/smoke/{version}/{name}" in doc
+        if kind is not None:
+            assert f"kind: {kind}" in doc
+    verified = build_py(repo, "release", "verify", "1.0")
+    assert verified.returncode == 0, verified.stderr
+    (published / "smoke.squashfs").write_bytes(b"damaged")
+    assert build_py(repo, "release", "verify", "1.0").returncode == 1
+    (published / "smoke.squashfs").write_bytes(again_bytes)
+
+    # the squashfs unpacks to the same tree
+    unpacked = tmp_path / "unsquashed"
+    subprocess.run(["unsquashfs", "-no-progress", "-d", str(unpacked),
+                    str(published / "smoke.squashfs")], check=True, capture_output=True)
+    assert dir_tree(unpacked) == rootfs
 
     # the exported kernel and initramfs boot with the squashfs as root, and read the marker
     boot = subprocess.run(
