@@ -56,7 +56,10 @@ class BuildContext:
 
     @property
     def serial_socket(self) -> Path:
-        return self.work_dir / "serial.sock"
+        # A unix socket path holds at most 107 bytes, and a work dir can be longer: it lives in
+        # the build key's private temp folder, which is removed with the key.
+        base = self.key_file.parent if self.key_file is not None else self.work_dir
+        return base / "serial.sock"
 
     @property
     def output_dir(self) -> Path:
