@@ -435,6 +435,9 @@ def adapt(steps: list[tuple[str, Step]], *, render_step: Step, packer_step: Step
           checksums_step: Step) -> list[tuple[str, Step]]:
     """The libvirt version of the build's steps (see the module docstring)."""
     runs_packer = any(s is packer_step for _, s in steps)
+    # The download hashes the artifact in the same pass: it takes the place of the hashing
+    # step, and a build that hashes no disk (--create-patches) downloads none.
+    wants_disk = any(s is checksums_step for _, s in steps)
     out: list[tuple[str, Step]] = []
     for name, step in steps:
         if step is render_step:
@@ -443,9 +446,9 @@ def adapt(steps: list[tuple[str, Step]], *, render_step: Step, packer_step: Step
                         ("upload source to pool", step_upload)]
             out.append((name, step_render))
         elif step is checksums_step:
-            continue  # the download hashes the artifact in the same pass
+            continue
         else:
             out.append((name, step))
-            if step is packer_step:
+            if step is packer_step and wants_disk:
                 out.append(("download artifact volume", step_download))
     return out

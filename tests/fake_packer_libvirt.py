@@ -16,7 +16,7 @@ volume). It never boots an installer: the domain has nothing to boot.
 
 FAKE_PACKER_MODE=fail leaves the running domain and its volumes behind and exits 1, as a
 failed build of the plugin can; FAKE_PACKER_MODE=hang waits, with the domain running, until
-a signal, then exits without cleaning up.
+a signal, then exits without cleaning up; FAKE_PACKER_MODE=no-plugin lists no plugin.
 """
 
 from __future__ import annotations
@@ -161,6 +161,8 @@ def main(argv: list[str]) -> int:
         print("Packer v1.14.0")
         return 0
     if argv[:2] == ["plugins", "installed"]:
+        if os.environ.get("FAKE_PACKER_MODE") == "no-plugin":
+            return 0
         print("/root/.config/packer/plugins/github.com/thomasklein94/libvirt/"
               "packer-plugin-libvirt_v0.5.0_x5.0_linux_amd64")
         return 0

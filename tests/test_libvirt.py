@@ -519,3 +519,13 @@ def test_preflight_fails_with_the_real_packer(repo: Path, pool: libvirtd.TestPoo
             "is too old for the libvirt plugin (needs 1.7.0 or newer)") in proc.stderr
     assert "install Packer 1.14" in proc.stderr
     assert pool.pool.listAllVolumes(0) == []  # nothing uploaded
+
+
+def test_preflight_fails_without_the_plugin(repo: Path, pool: libvirtd.TestPool,
+                                            network: libvirtd.TestNetwork) -> None:
+    libvirt_site(repo, pool, network)
+    proc = build_py(repo, "smoke", env={"FAKE_PACKER_MODE": "no-plugin"})
+    assert proc.returncode == 2, proc.stderr
+    assert ("libvirt.plugin_version: preflight check 'libvirt plugin' failed: "
+            "github.com/thomasklein94/libvirt v0.5.0 is not installed") in proc.stderr
+    assert "hint: packer plugins install github.com/thomasklein94/libvirt v0.5.0" in proc.stderr

@@ -298,3 +298,29 @@ def test_bad_libvirt_site(repo: Path, site: str, message: str) -> None:
     proc = build_py(repo, "render", "smoke")
     assert proc.returncode == 2
     assert message in proc.stderr, proc.stderr
+
+
+def test_libvirt_steps_around_packer() -> None:
+    """Preflight and upload only where Packer runs (not for ./build.py render); the download
+    takes the place of the hashing step, and only a build that hashes its disk downloads it."""
+    def step(name: str) -> libvirt_steps.Step:
+        def run(ctx: object, stack: object) -> None:
+            pass
+        run.__name__ = name
+        return run
+
+    source, render, packer, hashing, publish = (step(n) for n in
+                                                ("source", "render", "packer", "hash", "pub"))
+    build = [("prepare source", source), ("render and validate HCL", render),
+             ("packer build", packer), ("hash artifacts", hashing), ("publish", publish)]
+    kw = {"render_step": render, "packer_step": packer, "checksums_step": hashing}
+    names = [n for n, _ in libvirt_steps.adapt(build, **kw)]
+    assert names == ["prepare source", "libvirt preflight", "upload source to pool",
+                     "render and validate HCL", "packer build", "download artifact volume",
+                     "publish"]
+    assert [n for n, _ in libvirt_steps.adapt(build[:2], **kw)] == [
+        "prepare source", "render and validate HCL"]
+    no_disk = [s for s in build if s[1] not in (hashing, publish)]
+    assert [n for n, _ in libvirt_steps.adapt(no_disk, **kw)] == [
+        "prepare source", "libvirt preflight", "upload source to pool",
+        "render and validate HCL", "packer build"]
