@@ -262,6 +262,36 @@ class _BuildCleanup:
         return False
 
 
+@contextlib.contextmanager
+def _upload_lock(ctx: BuildContext, s: Settings, volume: str) -> Iterator[None]:
+    """One upload of a source volume at a time from this machine: a second build of the same
+    image waits for the first one's upload and then finds the volume there. (Builds of one
+    image started on two machines at the same moment would both upload; one fails.)"""
+    import hashlib
+
+    from filelock import FileLock, Timeout
+
+    from osimage.accel import cache_home
+
+    key = hashlib.sha256(f"{s.uri}\0{s.pool}\0{volume}".encode()).hexdigest()[:16]
+    path = cache_home() / "libvirt-uploads" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        ctx.reporter.info(f"    waiting for another build's upload of {volume}")
+        while True:
+            runner.check_interrupted()
+            with contextlib.suppress(Timeout):
+                lock.acquire(timeout=0.5)
+                break
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def step_upload(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     build = state(ctx)
     s = build.settings
@@ -277,8 +307,9 @@ def step_upload(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         def opener() -> contextlib.AbstractContextManager[IO[bytes]]:
             return Path(src.location).open("rb")
 
-    result = lv.ensure_source_volume(build.conn, s.pool, src.volume, src.format, size,
-                                     src.sha256, opener, progress=ctx.reporter.info)
+    with _upload_lock(ctx, s, src.volume):
+        result = lv.ensure_source_volume(build.conn, s.pool, src.volume, src.format, size,
+                                         src.sha256, opener, progress=ctx.reporter.info)
     build.source = result
     if result.uploaded:
         ctx.reporter.info(f"    uploaded {s.pool}/{src.volume}: {lv.human(size)} in "
