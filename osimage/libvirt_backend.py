@@ -1,11 +1,11 @@
 """The libvirt hypervisor through libvirt-python: what the Packer plugin leaves to the wrapper.
 
 The plugin (github.com/thomasklein94/libvirt) boots the build's domain and leaves the image as
-a volume in a storage pool. Around it, this module checks the hypervisor before a build
-(named checks, each with a hint), puts the install source into the pool, brings the artifact
-volume back, and removes what a build left behind. Every byte goes through libvirt streams,
-so a remote hypervisor (qemu+ssh://) works the same as a local one: nothing here reads or
-writes the hypervisor's files directly.
+a volume in a storage pool. Around it, this module connects to the hypervisor, checks it
+before a build (named checks, each with a hint) and puts the install source into the pool;
+libvirt_streams.py moves the bytes, libvirt_clean.py removes what builds leave behind. Every
+byte goes through libvirt streams, so a remote hypervisor (qemu+ssh://) works the same as a
+local one: nothing reads or writes the hypervisor's files directly.
 """
 
 from __future__ import annotations
