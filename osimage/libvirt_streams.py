@@ -150,7 +150,7 @@ class _WriteAndHash:
         return self._h.hexdigest()
 
 
-def download_stream(conn: Any, vol: Any, dest: Path, *, length: int = 0, sparse: bool = True,
+def download_stream(conn: Any, vol: Any, dest: Path, *, length: int = 0, sparse: bool = False,
                     progress: Progress | None = None, what: str = "download") -> Transfer:
     """Receive vol (or its first length bytes) into dest through a stream.
 
