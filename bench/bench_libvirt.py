@@ -6,10 +6,13 @@ hashed in the same pass, against `virsh vol-download` alone (no hash) of the sam
 Starts libvirtd when it is not running (as the tests do), makes a directory pool in a temporary
 folder with one volume of random bytes, then alternates the two downloads into the same folder
 (each output deleted before the next run, so neither writes over a cached file) and reports
-the median throughput of each and their ratio. The target is a ratio of at least 0.9. The
+the median and the best throughput of each and their ratios, with the load average (the
+machine is shared: other work in a round slows whichever download it meets). The target is
+a ratio of at least 0.9. The
 download is the build's own (libvirt_streams.download_stream, as for a qcow2 artifact).
-On a busy 2-core machine the ratio drops: virsh alone leaves a core for libvirtd, hashing
-2 GiB takes 1.4 s of CPU that then competes with it; run it on an otherwise idle machine.
+On a busy 2-core machine the ratio drops: sha256 of 2 GiB is 1.2 s of CPU that overlaps the
+transfer only while a core is free, and libvirtd needs one too; with both cores taken the
+ratio tends to (virsh + libvirtd CPU) / (ours + libvirtd CPU), about 0.86 here.
 Everything it made (pool, volume, files) is removed at the end.
 """
 
@@ -84,11 +87,14 @@ def main() -> int:
             assert got.sha256 == expected and got.size == size, "download does not match"
             stream.append(got.rate)
             target.unlink()
-            print(f"round {r + 1}: virsh vol-download {virsh[-1] / 2**20:6.0f} MiB/s, "
-                  f"stream + sha256 {stream[-1] / 2**20:6.0f} MiB/s")
-        mv, ms = statistics.median(virsh), statistics.median(stream)
-        print(f"median: virsh vol-download {mv / 2**20:.0f} MiB/s, stream hashed in the same "
-              f"pass {ms / 2**20:.0f} MiB/s: {ms / mv:.2f}x (target >= 0.90x)")
+            print(f"round {r + 1} (load {os.getloadavg()[0]:.1f}): virsh vol-download "
+                  f"{virsh[-1] / 2**20:6.0f} MiB/s, stream + sha256 {stream[-1] / 2**20:6.0f} "
+                  f"MiB/s")
+        for what, pick in (("median", statistics.median), ("best", max)):
+            mv, ms = pick(virsh), pick(stream)
+            print(f"{what}: virsh vol-download {mv / 2**20:.0f} MiB/s, stream hashed in the "
+                  f"same pass {ms / 2**20:.0f} MiB/s: {ms / mv:.2f}x (target >= 0.90x)")
+        print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         vol.delete(0)
     return 0
 
