@@ -5,9 +5,9 @@ The wrapper's libvirt backend is tested end to end against a real libvirtd; only
 its plugin are played by this script, with libvirt-python, the way the plugin (v0.5.0) uses
 libvirt: it reads the rendered HCL, makes the volumes (a clone of the source volume, the
 OEMDRV CD from the files volume, an empty target disk), defines and starts a TCG domain
-named domain_name, and on success undefines it, deletes the volumes it made except the
-artifact, and writes the manifest post-processor's file (no files: the artifact stays a
-volume). It never boots an installer: the domain has nothing to boot.
+named domain_name, and then FAILS the way the plugin can: it only injects failures, it never
+pretends a build worked (the wrapper's download, conversion and publishing of a real artifact
+volume are tested directly against libvirtd in tests/test_libvirt.py).
 
     packer version                   Packer v1.14.0
     packer plugins installed         the plugin's path, as Packer 1.14 lists it
@@ -22,14 +22,12 @@ a signal, then exits without cleaning up; FAKE_PACKER_MODE=no-plugin lists no pl
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -136,24 +134,10 @@ def build(hcl_file: Path) -> int:
         say("", "ui", "say", f"==> {target}: Waiting for SSH to become available...")
         while True:
             time.sleep(0.1)
-    say("", "ui", "say", f"==> {target}: Shutting down libvirt domain...")
-    dom.destroy()
-    dom.undefine()
-    for v in made:
-        if "-artifact." not in v.name():
-            v.delete(0)
-    artifact_vol = next(v for v in made if "-artifact." in v.name())
-    manifest = Path(next(pp["manifest"]["output"] for b in parsed["build"]
-                         for pp in b.get("post-processor", []) if "manifest" in pp))
-    record = {"name": name, "builder_type": "libvirt", "build_time": int(time.time()),
-              "files": [], "artifact_id": artifact_vol.key(),
-              "packer_run_uuid": str(uuid.uuid4()), "custom_data": {}}
-    data = {"builds": [record], "last_run_uuid": record["packer_run_uuid"]}
-    manifest.write_text(json.dumps(data))
-    say(target, "artifact-count", "1")
-    say(target, "artifact", "0", "id", artifact_vol.key())
-    say("", "ui", "say", f"Build '{target}' finished after 1 second.")
-    return 0
+    # Never a successful build: a stand-in may inject a failure, not pretend Packer worked.
+    say("", "ui", "error", f"Build '{target}' errored: fake packer injects failures only "
+        "(FAKE_PACKER_MODE=fail or hang)")
+    return 1
 
 
 def main(argv: list[str]) -> int:

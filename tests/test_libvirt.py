@@ -1,6 +1,7 @@
 """The libvirt backend against a real libvirtd (started here when it is not running):
 preflight checks and their hints, streams in and out of a pool, what builds leave behind and
-`./build.py clean`, and whole builds with Packer played by tests/fake_packer_libvirt.py
+`./build.py clean`, and failed or interrupted builds with a failure injected by
+tests/fake_packer_libvirt.py (a stand-in for Packer 1.14 + plugin that only ever fails)
 (Packer 1.14 and the plugin cannot be installed here; everything else is real)."""
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import contextlib
 import hashlib
 import http.server
 import io
-import json
 import os
 import signal
 import subprocess
@@ -394,78 +394,6 @@ def build_leftovers(pool: libvirtd.TestPool, image: str) -> list[str]:
     prefix = f"packer-osimage-{image}-"
     return ([d.name() for d in pool.conn.listAllDomains(0) if d.name().startswith(prefix)]
             + [v.name() for v in pool.pool.listAllVolumes(0) if v.name().startswith(prefix)])
-
-
-def test_build_with_libvirt(repo: Path, pool: libvirtd.TestPool,
-                            network: libvirtd.TestNetwork) -> None:
-    """preflight, source upload, render, Packer (played), artifact download hashed in the same
-    pass, publish, record, and nothing of the build left on the hypervisor."""
-    libvirt_site(repo, pool, network)
-    proc = build_py(repo, "smoke")
-    assert proc.returncode == 0, proc.stderr
-    for step in ("libvirt preflight", "upload source to pool", "render and validate HCL",
-                 "packer build", "download artifact volume", "publish to mirror",
-                 "record in manifest.json"):
-        assert f"ok {step} (" in proc.stderr
-    assert "hash artifacts" not in proc.stderr
-    for check in ("connect", "storage pool", "free space in pool", "network", "packer version",
-                  "libvirt plugin", "CD maker"):
-        assert f"ok {check}: " in proc.stderr
-    assert "packer validate passed" in proc.stderr
-    assert "sha256 checked before and after" in proc.stderr
-    assert build_leftovers(pool, "smoke") == []
-    # the source stays in the pool for the next build, with its stamp
-    sources = sorted(v.name() for v in pool.pool.listAllVolumes(0))
-    assert len(sources) == 2 and sources[0].startswith("osimage-src-smoke-")
-    # the artifact: the clone of the source disk, hashed right, published, recorded
-    data = json.loads((repo / "images" / "smoke" / "manifest.json").read_text())
-    entry = data["builds"][-1]
-    assert entry["builder_type"] == "libvirt"
-    assert entry["custom_data"]["accelerator"] == "qemu"
-    version = entry["custom_data"]["version"]
-    published = repo / "mirror" / "builds" / "smoke" / version / "smoke.qcow2"
-    sha = hashlib.sha256(published.read_bytes()).hexdigest()
-    assert entry["custom_data"]["sha256"] == {"smoke.qcow2": sha}
-    assert entry["files"] == [{"name": "smoke.qcow2", "size": published.stat().st_size}]
-    source = repo / "build" / "sources" / "smoke" / "smoke.qcow2"
-    same = subprocess.run(["qemu-img", "compare", str(source), str(published)],
-                          capture_output=True, text=True)
-    assert same.returncode == 0, same.stdout + same.stderr
-    # a second build finds the source in the pool
-    again = build_py(repo, "smoke", "--skip-commit", "--no-publish")
-    assert again.returncode == 0, again.stderr
-    assert "is in the pool already" in again.stderr
-
-
-def test_build_compresses_with_zstd(repo: Path, pool: libvirtd.TestPool,
-                                    network: libvirtd.TestNetwork) -> None:
-    libvirt_site(repo, pool, network)
-    image = repo / "images" / "smoke" / "image.yaml"
-    image.write_text(image.read_text().replace("    format: qcow2",
-                                               "    format: qcow2\n    compression: zstd"))
-    proc = build_py(repo, "smoke", "--skip-commit")
-    assert proc.returncode == 0, proc.stderr
-    assert "(zstd-compressed qcow2)" in proc.stderr
-    out = next((repo / "mirror" / "builds" / "smoke").glob("*/smoke.qcow2"))
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(out)],
-                                     capture_output=True, text=True, check=True).stdout)
-    assert info["format-specific"]["data"]["compression-type"] == "zstd"
-    sha = (out.parent / "smoke.qcow2.sha256").read_text().split()[0]
-    assert sha == hashlib.sha256(out.read_bytes()).hexdigest()
-
-
-def test_build_with_remote_hypervisor(repo: Path, pool: libvirtd.TestPool,
-                                      network: libvirtd.TestNetwork, ssh_uri: str) -> None:
-    """The same build with the hypervisor reached as qemu+ssh://, as in production."""
-    site = libvirt_site(repo, pool, network)
-    site.write_text(site.read_text().replace(f"uri: {URI}", f"uri: '{ssh_uri}'"))
-    proc = build_py(repo, "smoke")
-    assert proc.returncode == 0, proc.stderr
-    assert "ok connect: qemu+ssh://root@127.0.0.1:" in proc.stderr
-    assert "uploaded " in proc.stderr and "ok download artifact volume" in proc.stderr
-    assert build_leftovers(pool, "smoke") == []
-    hcl = next((repo / "build" / "smoke").glob("*/smoke.pkr.hcl")).read_text()
-    assert f'libvirt_uri = "{ssh_uri}"' in hcl
 
 
 def test_failed_build_leaves_nothing(repo: Path, pool: libvirtd.TestPool,
