@@ -115,6 +115,14 @@ def _schema_at(schema: dict[str, Any], parts: list[Any]) -> dict[str, Any]:
     return node
 
 
+def enum_message(where: str, value: Any, choices: list[Any]) -> str:
+    """'key: value is not one of ...', with the nearest choice for a misspelling."""
+    listed = ", ".join(repr(c) for c in choices)
+    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return f"{where}: {value!r} is not one of {listed}{hint}"
+
+
 def _format_error(err: Any, schema: dict[str, Any]) -> list[str]:
     """Turn one jsonschema error into user lines: 'key.path: what is wrong'."""
     parts = list(err.absolute_path)
@@ -142,11 +150,7 @@ def _format_error(err: Any, schema: dict[str, Any]) -> list[str]:
                "NoneType": "nothing", "bool": "boolean", "float": "number"}.get(got, got)
         return [f"{where}: must be {'an' if want[0] in 'aeiou' else 'a'} {want}, not {got}"]
     if v == "enum":
-        choices = ", ".join(repr(c) for c in err.validator_value)
-        near = difflib.get_close_matches(str(err.instance), [str(c) for c in err.validator_value],
-                                         n=1, cutoff=0.6)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        return [f"{where}: {err.instance!r} is not one of {choices}{hint}"]
+        return [enum_message(where, err.instance, err.validator_value)]
     if v == "pattern":
         hint = _schema_at(schema, parts).get("x-hint") or f"must match {err.validator_value}"
         return [f"{where}: {err.instance!r} is not valid: {hint}"]

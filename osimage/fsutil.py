@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -35,6 +35,30 @@ def atomic_writer(path: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, waiting: Callable[[], None]) -> Iterator[None]:
+    """Hold the file lock at path; if another process has it, call waiting() once and wait,
+    still answering Ctrl-C (a blocking acquire would not)."""
+    from filelock import FileLock, Timeout
+
+    from osimage.runner import check_interrupted
+
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        waiting()
+        while True:
+            check_interrupted()
+            with contextlib.suppress(Timeout):
+                lock.acquire(timeout=0.5)
+                break
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:

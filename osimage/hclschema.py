@@ -40,20 +40,9 @@ def plugin_info(name: str = "libvirt-plugin") -> dict[str, str]:
 def parse(text: str, shown: str) -> dict[str, Any]:
     """python-hcl2's parse with blocks marked (__is_block__), so a block and an attribute that
     holds an object can be told apart."""
-    import hcl2
+    from osimage.render import parse_hcl
 
-    from osimage.errors import BuildError
-
-    options = hcl2.SerializationOptions(strip_string_quotes=True, explicit_blocks=True,
-                                        with_comments=False)
-    try:
-        parsed: dict[str, Any] = hcl2.loads(text, serialization_options=options)
-    except Exception as e:  # python-hcl2 raises lark errors of many kinds
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BuildError(f"{shown}: the rendered HCL does not parse: {first}",
-                         hint="this is a bug in templates/; render it with "
-                              "'./build.py render IMAGE' and read the file") from None
-    return parsed
+    return parse_hcl(text, shown, explicit_blocks=True)
 
 
 def _is_block_list(value: Any) -> bool:
@@ -120,11 +109,9 @@ def _format(err: Any, instance: Any) -> list[str]:
         return [f"{at}: must be {'an' if str(want)[0] in 'aeiou' else 'a'} {want}, "
                 f"not {_type_name(err.instance)}"]
     if v == "enum":
-        choices = ", ".join(repr(c) for c in err.validator_value)
-        near = difflib.get_close_matches(str(err.instance), [str(c) for c in err.validator_value],
-                                         n=1, cutoff=0.6)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        return [f"{at}: {err.instance!r} is not one of {choices}{hint}"]
+        from osimage.config import enum_message
+
+        return [enum_message(at, err.instance, err.validator_value)]
     if v == "pattern":
         hint = err.schema.get("x-hint") or f"must match {err.validator_value}"
         return [f"{at}: {err.instance!r} is not valid: {hint}"]

@@ -30,6 +30,7 @@ from osimage import libvirt_backend as lv
 from osimage.config import display_path
 from osimage.context import BuildContext
 from osimage.errors import BuildError, ConfigError
+from osimage.fsutil import waiting_lock
 
 Step = Callable[[BuildContext, contextlib.ExitStack], None]
 
@@ -269,27 +270,14 @@ def _upload_lock(ctx: BuildContext, s: Settings, volume: str) -> Iterator[None]:
     image started on two machines at the same moment would both upload; one fails.)"""
     import hashlib
 
-    from filelock import FileLock, Timeout
-
     from osimage.accel import cache_home
 
     key = hashlib.sha256(f"{s.uri}\0{s.pool}\0{volume}".encode()).hexdigest()[:16]
     path = cache_home() / "libvirt-uploads" / f"{key}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        ctx.reporter.info(f"    waiting for another build's upload of {volume}")
-        while True:
-            runner.check_interrupted()
-            with contextlib.suppress(Timeout):
-                lock.acquire(timeout=0.5)
-                break
-    try:
+    with waiting_lock(path, lambda: ctx.reporter.info(
+            f"    waiting for another build's upload of {volume}")):
         yield
-    finally:
-        lock.release()
 
 
 def step_upload(ctx: BuildContext, stack: contextlib.ExitStack) -> None:

@@ -17,8 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from osimage import (
     __version__,
     accel,
@@ -37,6 +35,7 @@ from osimage import (
 )
 from osimage.context import BuildContext
 from osimage.errors import BuildError, ConfigError, FactoryError
+from osimage.fsutil import waiting_lock
 from osimage.mirror import open_mirror
 from osimage.ui import Reporter
 
@@ -94,21 +93,10 @@ def prepare(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
 def work_dir_lock(ctx: BuildContext, reporter: Reporter) -> Iterator[None]:
     """One build at a time per image version: a second build of the same version waits."""
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(ctx.work_dir) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        reporter.info(f"    waiting for the other build of {ctx.image.name} {ctx.version} "
-                      f"({ctx.work_dir}.lock)")
-        while True:
-            runner.check_interrupted()
-            with contextlib.suppress(Timeout):
-                lock.acquire(timeout=0.5)
-                break
-    try:
+    lock = Path(str(ctx.work_dir) + ".lock")
+    with waiting_lock(lock, lambda: reporter.info(
+            f"    waiting for the other build of {ctx.image.name} {ctx.version} ({lock})")):
         yield
-    finally:
-        lock.release()
 
 
 def _resolve_location(root: Path, value: str) -> str:

@@ -63,12 +63,13 @@ def render(templates: Path, template: str, variables: dict[str, Any]) -> str:
         raise ConfigError(f"templates/{e.name or template}:{e.lineno}: {e.message}") from None
 
 
-def parse_hcl(text: str, shown: str) -> dict[str, Any]:
-    """Parse rendered HCL with python-hcl2; a template bug shows up here, before Packer runs."""
+def parse_hcl(text: str, shown: str, explicit_blocks: bool = False) -> dict[str, Any]:
+    """Parse rendered HCL with python-hcl2; a template bug shows up here, before Packer runs.
+    explicit_blocks marks blocks (__is_block__), so a block and an object attribute differ."""
     import hcl2
 
-    options = hcl2.SerializationOptions(strip_string_quotes=True, explicit_blocks=False,
-                                        with_comments=False)
+    options = hcl2.SerializationOptions(strip_string_quotes=True,
+                                        explicit_blocks=explicit_blocks, with_comments=False)
     try:
         parsed: dict[str, Any] = hcl2.loads(text, serialization_options=options)
     except Exception as e:  # python-hcl2 raises lark errors of many kinds
