@@ -194,9 +194,6 @@ def test_build_key_is_in_no_output(builds: Builds, tmp_path: Path) -> None:
 
 
 def test_newest_kernel_by_version_order_with_its_initramfs(builds: Builds) -> None:
-    assert exports.version_key("6.1.0-9") < exports.version_key("6.1.0-10")
-    assert exports.version_key("4.18.0-80.el8.x86_64") < exports.version_key(
-        "4.18.0-348.7.1.el8_5.x86_64")
     # both kernels are in the image; the newer by version (not the later string) is exported
     with tarfile.open(builds.published / "smoke-rootfs.tar") as t:
         names = set(t.getnames())
@@ -212,6 +209,10 @@ def test_newest_kernel_by_version_order_with_its_initramfs(builds: Builds) -> No
     initramfs = builds.repo / "build/sources/smoke/boot" / f"initramfs-{builds.kver}.img"
     assert (builds.published / f"initramfs-{builds.kver}.img").read_bytes() == (
         initramfs.read_bytes())
+    # the order itself, as `sort -V` and rpm have it
+    assert exports.version_key("6.1.0-9") < exports.version_key("6.1.0-10")
+    assert exports.version_key("4.18.0-80.el8.x86_64") < exports.version_key(
+        "4.18.0-348.7.1.el8_5.x86_64")
 
 
 def test_warewulf_imports_the_published_archive(builds: Builds, tmp_path: Path) -> None:
@@ -274,3 +275,34 @@ def test_rootfs_script_is_shellcheck_clean() -> None:
                               text=True)
         assert proc.returncode == 0, proc.stdout
 
+
+
+@pytest.mark.parametrize("fault", ["keeps the key", "clamps no time"])
+def test_rootfs_tar_with_key_or_late_times_is_refused(repo: Path, fault: str,
+                                                     no_leftover_qemu: None) -> None:
+    """The host checks what any image's rootfs script made: a tar with the build's key in a
+    .ssh/ file, or with a file newer than SOURCE_DATE_EPOCH, fails the build before anything
+    is pushed or published, with one line naming the script to fix."""
+    with Registry() as registry:
+        enable_exports(repo, registry.host)
+        script = repo / "images/smoke/diskless/rootfs.sh"
+        text = script.read_text()
+        broken = (text.replace(" -o -path ./root/.ssh/authorized_keys", "")
+                  if fault == "keeps the key" else
+                  text.replace("epoch=${SOURCE_DATE_EPOCH:?}",
+                               "epoch=$(( ${SOURCE_DATE_EPOCH:?} + 86400 ))"))
+        assert broken != text
+        script.write_text(broken)
+        git(repo, "commit", "-qam", f"rootfs.sh {fault}")
+        proc = build_py(repo, "smoke")
+        assert proc.returncode == 1, proc.stderr
+        assert catalog(registry) == []
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    expected = ("root/.ssh/authorized_keys holds the build's SSH key" if fault == "keeps the key"
+                else "newer than SOURCE_DATE_EPOCH")
+    assert expected in errors[0]
+    assert "images/smoke/diskless/rootfs.sh must" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (repo / "mirror").exists() or not any((repo / "mirror").rglob("*"))
+    assert not (repo / "images/smoke/manifest.json").exists()
