@@ -273,7 +273,8 @@ def _tag(ctx: BuildContext) -> str:
 
 
 def step_oci(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """An OCI image (layout + NAME-oci.tar archive) whose one layer is the root tree's tar."""
+    """An OCI image whose one layer is the root tree's tar: a layout (for the push) and
+    NAME-oci.tar, an OCI archive that is also a docker-archive (osimage/oci.py)."""
     layout = out_dir(ctx) / "oci"
     shutil.rmtree(layout, ignore_errors=True)
     image = f"{layout}:{_tag(ctx)}"
