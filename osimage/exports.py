@@ -12,10 +12,14 @@ An image lists them in image.yaml next to `disk:`:
       oci: {}                          # NAME-oci.tar (umoci), pushed to the site's registry
 
 Everything is made on the host from the one downloaded tar, without root: the kernel and
-initramfs are read out of it, tar2sqfs packs it (SOURCE_DATE_EPOCH = the commit's time, so the
-same tar gives the same bytes), `umoci raw add-layer` makes it the OCI image's one layer. Each
-file is hashed and joins ctx.artifacts, so it is published beside the disk and recorded in
-manifest.json with its `kind`. The push reads credentials from the site's auth_file,
+initramfs are read out of it (the newest kernel by version order), tar2sqfs packs it
+(SOURCE_DATE_EPOCH = the commit's time, so the same tar gives the same bytes), `umoci raw
+add-layer` makes it the OCI image's one layer, written as an archive Warewulf imports
+(osimage/oci.py). The rootfs script gets SOURCE_DATE_EPOCH too and must clamp the tar's file
+times to it, and leave the build's SSH key out: the tar is refused otherwise, so two builds of
+one commit give the same bytes and no export carries the key. Each file is hashed and joins
+ctx.artifacts, so it is published beside the disk and recorded in manifest.json with its
+`kind`. The push reads credentials from the site's auth_file,
 REGISTRY_AUTH_FILE, or OSIMAGE_REGISTRY_USERNAME/_PASSWORD (written to a 0600 file in a private
 temp dir for skopeo's --authfile): never from argv.
 """
@@ -27,6 +31,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from osimage import artifacts, runner
+from osimage import artifacts, oci, runner
 from osimage.errors import BuildError, ConfigError
 
 if TYPE_CHECKING:
@@ -118,7 +123,8 @@ def provisioners(ctx: BuildContext, provs: list[dict[str, Any]]) -> list[dict[st
     # Packer writes a download into an existing file without truncating it: start empty.
     local.parent.mkdir(parents=True)
     env = {"OSIMAGE_IMAGE": ctx.image.name, "OSIMAGE_VERSION": ctx.version,
-           "OSIMAGE_COMMIT": ctx.git.commit, "OSIMAGE_ROOTFS_OUTPUT": in_vm}
+           "OSIMAGE_COMMIT": ctx.git.commit, "OSIMAGE_ROOTFS_OUTPUT": in_vm,
+           "SOURCE_DATE_EPOCH": source_date_epoch(ctx)}
     return [*provs,
             {"name": "export-rootfs", "type": "shell",
              "script": str(ctx.image.directory / rootfs["script"]),
@@ -145,15 +151,31 @@ def _add(ctx: BuildContext, path: Path, kind: str) -> artifacts.Artifact:
     return made
 
 
+def _build_key(ctx: BuildContext) -> bytes | None:
+    """The base64 body of the build's public key, as it would appear in authorized_keys."""
+    if ctx.key_file is None:
+        return None
+    try:
+        fields = Path(str(ctx.key_file) + ".pub").read_bytes().split()
+    except OSError:
+        return None
+    return fields[1] if len(fields) > 1 else None
+
+
 def step_rootfs(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """The tar Packer downloaded: a readable archive of relative paths, hashed."""
+    """The tar Packer downloaded: a readable archive of relative paths, its file times clamped
+    to SOURCE_DATE_EPOCH, no authorized_keys holding the build's key; hashed."""
     check_config(ctx)
     tar = rootfs_path(ctx)
+    script = f"images/{ctx.image.name}/{spec(ctx)['rootfs']['script']}"
     if not tar.is_file() or tar.stat().st_size == 0:
         in_vm = spec(ctx)["rootfs"].get("path", DEFAULT_ROOTFS_PATH)
         raise BuildError(f"the rootfs step left no tar at {in_vm} in the VM",
                          hint=f"see {ctx.log_file}")
+    epoch = int(source_date_epoch(ctx))
+    key = _build_key(ctx)
     members = 0
+    newer: list[str] = []
     try:
         with tarfile.open(tar) as t:
             for m in t:
@@ -161,8 +183,19 @@ def step_rootfs(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                 parts = Path(m.name).parts
                 if m.name.startswith("/") or ".." in parts:
                     raise BuildError(f"{tar.name}: unsafe member {m.name!r}; refused")
+                if m.mtime > epoch:
+                    newer.append(m.name)
+                if key is not None and m.isfile() and parts[-2:-1] == (".ssh",):
+                    f = t.extractfile(m)
+                    if f is not None and key in f.read():
+                        raise BuildError(f"{tar.name}: {m.name} holds the build's SSH key; "
+                                         "refused", hint=f"{script} must remove it first")
     except tarfile.TarError as e:
         raise BuildError(f"{tar.name}: not a readable tar: {e}") from None
+    if newer:
+        raise BuildError(f"{tar.name}: {len(newer)} members are newer than SOURCE_DATE_EPOCH "
+                         f"({epoch}), e.g. {newer[0]}: the exports would differ from build to "
+                         "build", hint=f"{script} must clamp file times to $SOURCE_DATE_EPOCH")
     _state(ctx).rootfs = tar
     ctx.reporter.info(f"    {tar.name}: {members} members")
     _add(ctx, tar, "rootfs")
@@ -172,15 +205,23 @@ def _norm(name: str) -> str:
     return name.removeprefix("./").lstrip("/")
 
 
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Order of kernel versions as `sort -V` and rpm see them: runs of digits compare as
+    numbers (6.1.0-10 after 6.1.0-9, 4.18.0-348.el8 after 4.18.0-80.el8)."""
+    return tuple((0, int(run)) if run.isdigit() else (1, run)
+                 for run in re.findall(r"\d+|[^\d]+", version))
+
+
 def step_boot(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """vmlinuz-VERSION and initramfs-VERSION.img, read out of the root tree's tar."""
+    """vmlinuz-VERSION and initramfs-VERSION.img, read out of the root tree's tar: the newest
+    kernel by version order and its own initramfs."""
     boot = spec(ctx)["boot"]
     kernel_glob = boot.get("kernel", DEFAULT_KERNEL)
     tar = rootfs_path(ctx)
     with tarfile.open(tar) as t:
         regular = {_norm(m.name): m for m in t.getmembers() if m.isfile()}
-        kernels = sorted(n for n in regular if fnmatch.fnmatch(n, kernel_glob)
-                         and "rescue" not in n)
+        kernels = sorted((n for n in regular if fnmatch.fnmatch(n, kernel_glob)
+                          and "rescue" not in n), key=lambda n: version_key(Path(n).name))
         if not kernels:
             raise BuildError(f"{tar.name}: no kernel matching {kernel_glob!r} in the root tree",
                              hint="install a kernel in the image, or set outputs.boot.kernel")
@@ -232,7 +273,8 @@ def _tag(ctx: BuildContext) -> str:
 
 
 def step_oci(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """An OCI image (layout + NAME-oci.tar archive) whose one layer is the root tree's tar."""
+    """An OCI image whose one layer is the root tree's tar: a layout (for the push) and
+    NAME-oci.tar, an OCI archive that is also a docker-archive (osimage/oci.py)."""
     layout = out_dir(ctx) / "oci"
     shutil.rmtree(layout, ignore_errors=True)
     image = f"{layout}:{_tag(ctx)}"
@@ -255,10 +297,8 @@ def step_oci(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         umoci("config", "--image", image, "--created", created, "--history.created", created,
               "--config.cmd", "/sbin/init",
               *[f"--config.label={k}={v}" for k, v in sorted(labels.items())])
-        archive = out_dir(ctx) / f"{ctx.image.name}-oci.tar"
-        archive.unlink(missing_ok=True)
-        runner.run(["skopeo", "copy", "--quiet", f"oci:{image}",
-                    f"oci-archive:{archive}:{_tag(ctx)}"], log=log, what="skopeo copy")
+    archive = out_dir(ctx) / f"{ctx.image.name}-oci.tar"
+    oci.write_archive(layout, _tag(ctx), f"{_repository(ctx)}:{_tag(ctx)}", archive, epoch)
     _state(ctx).oci_layout = layout
     _add(ctx, archive, "oci")
 
@@ -268,11 +308,15 @@ def registry(ctx: BuildContext) -> dict[str, Any] | None:
     return reg
 
 
+def _repository(ctx: BuildContext) -> str:
+    repo: str = spec(ctx)["oci"].get("repository", ctx.image.name)
+    return repo
+
+
 def reference(ctx: BuildContext) -> str:
     reg = registry(ctx)
     assert reg is not None
-    repo = spec(ctx)["oci"].get("repository", ctx.image.name)
-    return f"{reg['url'].rstrip('/')}/{repo}:{_tag(ctx)}"
+    return f"{reg['url'].rstrip('/')}/{_repository(ctx)}:{_tag(ctx)}"
 
 
 @contextlib.contextmanager
@@ -337,6 +381,9 @@ STEPS = [
     ("push OCI image", step_push),
 ]
 _NEEDS = {step_boot: "boot", step_squashfs: "squashfs", step_oci: "oci", step_push: "oci"}
+# Steps with effects outside the build's work folder: a build that does not publish
+# (--no-publish, --debug, --break-*) leaves them out, or it would move a published tag.
+PUBLISH_STEPS = {step_push}
 
 
 def unused_steps(ctx: BuildContext) -> set[Any]:

@@ -487,11 +487,12 @@ def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContex
         ctx.hcl_checker = checker
         patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
         steps = BUILD_STEPS
+        # A build that does not publish touches neither the mirror nor the registry.
+        publishing = {step_publish, step_check_mirror, *exports.PUBLISH_STEPS}
         if not opts.publish:
-            steps = [s for s in steps if s[1] not in (step_publish, step_check_mirror)]
+            steps = [s for s in steps if s[1] not in publishing]
         if opts.interactive:  # a debug build is never published nor recorded
-            steps = [s for s in steps
-                     if s[1] not in (step_publish, step_manifest, step_check_mirror)]
+            steps = [s for s in steps if s[1] not in publishing | {step_manifest}]
         steps = backend_steps(ctx, mode_steps(ctx, steps))
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             for name, step in steps:

@@ -20,7 +20,10 @@ rm -f /etc/ssh/ssh_host_*
 find /etc/sysconfig/network-scripts -name 'ifcfg-*' ! -name 'ifcfg-lo' -delete
 rm -rf /etc/NetworkManager/system-connections/* /var/lib/NetworkManager/*
 
-# the installer's records (they hold the build's kickstart) and the build's temporary files
+# the installer's records (they hold the build's kickstart, with the build's public key) and
+# the build's temporary files; overwritten first, so the disk's free blocks do not keep them
+find /var/log/anaconda /root/anaconda-ks.cfg /root/original-ks.cfg /root/ks-post.log \
+    -type f -exec shred --zero --iterations=0 --remove {} + 2>/dev/null || true
 rm -rf /var/log/anaconda /root/anaconda-ks.cfg /root/original-ks.cfg /root/ks-post.log
 rm -rf /tmp/* /tmp/.[!.]* /var/tmp/* /var/tmp/.[!.]*
 
@@ -31,7 +34,9 @@ find /var/log -type f -exec truncate -s 0 {} +
 rm -f /root/.bash_history
 unset HISTFILE
 
-# last: the build's key. Nothing but an authorized key of the site lets root in afterwards.
+# last: the build's key, overwritten in place before the file is emptied (as above). Nothing
+# but an authorized key of the site lets root in afterwards.
+shred --zero --iterations=0 /root/.ssh/authorized_keys
 : > /root/.ssh/authorized_keys
 sync
 echo "cleanup: generic image; root's authorized_keys is empty"
