@@ -38,7 +38,7 @@ from osimage.release_manifest import (
     load,
     lock_for,
 )
-from osimage.tidy import is_clean, latest_clean, manifest_path, named_images
+from osimage.tidy import is_clean, is_published, latest_clean, manifest_path, named_images
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 HTTP_TIMEOUT = (10.0, 60.0)  # connect, between two reads
@@ -179,6 +179,14 @@ def _require_on_mirror(image: str, entry: ImageEntry, reader: MirrorReader,
 # --- record and set ----------------------------------------------------------------------------
 
 
+class NoBuildToRecord(ReleaseError):
+    """An image has no clean published build: `release record` without names skips it."""
+
+    def __init__(self, message: str, why: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.why = why
+
+
 def _entry_from_build(root: Path, image: str, version: str | None) -> ImageEntry:
     path = manifest_path(root, image)
     shown = f"images/{image}/manifest.json"
@@ -188,24 +196,31 @@ def _entry_from_build(root: Path, image: str, version: str | None) -> ImageEntry
         if build is None:
             n = len(builds)
             what = f"{n} build{'s' if n > 1 else ''}, none clean" if n else "no builds"
-            raise ReleaseError(f"{shown}: no clean build of {image} to record ({what})",
-                               hint=f"commit, then ./build.py {image} --release X")
+            raise NoBuildToRecord(f"{shown}: no clean build of {image} to record ({what})",
+                                  what, hint=f"commit, then ./build.py {image} --release X")
     else:
         same = [b for b in builds if (b.get("custom_data") or {}).get("version") == version]
         if not same:
             known = [str((b.get("custom_data") or {}).get("version")) for b in builds]
             raise ConfigError(f"{shown}: no build of {image} with version {version!r} "
                               f"(versions: {', '.join(dict.fromkeys(known)) or 'none'})")
-        build = same[-1]
+        # the same version built again with --no-publish leaves the published one on the mirror
+        build = ([b for b in same if is_published(b)] or same)[-1]
         if not is_clean(build):
             raise ReleaseError(f"{shown}: build {version} of {image} is from a dirty tree "
                                f"(-dirty); a release takes clean builds only")
+    if not is_published(build):
+        which = build["custom_data"]["version"]
+        what = f"build {which} was made with --no-publish"
+        raise NoBuildToRecord(f"{shown}: no published build of {image} to record ({what}; "
+                              f"none of its clean builds is on the mirror)", what,
+                              hint=f"./build.py {image} --release X (without --no-publish)")
     data = build["custom_data"]
     files = []
     for f in build.get("files") or []:
         name = str(f.get("name", ""))
         digest = (data.get("sha256") or {}).get(name)
-        if not digest or "mirror_path" not in data or "size" not in f:
+        if not digest or not data.get("mirror_path") or "size" not in f:
             raise ReleaseError(f"{shown}: build {data['version']} of {image} does not record "
                                f"the size, sha256 and mirror_path of {name or 'its files'}")
         files.append(FileEntry(path=f"{data['mirror_path']}/{Path(name).name}",
@@ -225,11 +240,27 @@ def _select_images(root: Path, images: Sequence[str]) -> list[str]:
 
 def record(root: Path, name: str, images: Sequence[str], force: bool, reader: MirrorReader,
            say: Callable[[str], None]) -> Release:
-    """Make release name from the latest clean build of each image (all images by default)."""
+    """Make release name from the latest clean published build of each image named. Without
+    names: of every image that has one; the others are named as skipped, and only a release
+    with no image at all is refused."""
     check_release_name(name)
     chosen = _select_images(root, images)
     _refuse_existing(load(root).doc, name, None, force)
-    entries = {image: _entry_from_build(root, image, None) for image in chosen}
+    entries: dict[str, ImageEntry] = {}
+    skipped: list[str] = []
+    for image in chosen:
+        try:
+            entries[image] = _entry_from_build(root, image, None)
+        except NoBuildToRecord as e:
+            if images:
+                raise
+            skipped.append(f"{image} ({e.why})")
+    if skipped:
+        say(f"    skipped, no clean published build: {', '.join(skipped)}")
+    if not entries:
+        raise ReleaseError(f"release {name}: no image has a clean published build to record "
+                           f"({', '.join(skipped)})",
+                           hint="commit, then ./build.py IMAGE --release X; nothing was written")
     for image, entry in entries.items():
         _require_on_mirror(image, entry, reader, say)
 
