@@ -37,6 +37,7 @@ from osimage.release_manifest import (
     edit,
     load,
     lock_for,
+    put,
 )
 from osimage.tidy import is_clean, is_published, latest_clean, manifest_path, named_images
 
@@ -46,7 +47,8 @@ HTTP_TIMEOUT = (10.0, 60.0)  # connect, between two reads
 __all__ = [
     "EMPTY", "MANIFEST", "UNKNOWN_SIZE", "FileEntry", "ImageEntry", "Patches", "Release",
     "ReleaseError", "ReleaseManifest", "_assign", "_commented", "check_release_name", "dumps",
-    "edit", "entry_by_hand", "entry_from_build", "load", "lock_for", "open_reader", "record",
+    "edit", "entry_by_hand", "entry_from_build", "load", "lock_for", "open_reader", "put",
+    "record",
     "set_image", "verify",
 ]
 
@@ -269,9 +271,9 @@ def record(root: Path, name: str, images: Sequence[str], force: bool, reader: Mi
         releases = doc["releases"]
         new = {image: e.to_yaml() for image, e in entries.items()}
         if name in releases:
-            _assign(releases[name]["images"], new)  # keeps its patches and comments
+            put(releases[name], "images", new)  # keeps its patches and comments
         else:
-            releases[name] = _commented({"images": new})
+            put(releases, name, {"images": new})
 
     edit(root, change)
     return load(root).get(name)
@@ -288,12 +290,8 @@ def set_image(root: Path, name: str, image: str, entry: ImageEntry, force: bool,
         _refuse_existing(doc, name, image, force)
         releases = doc["releases"]
         if name not in releases:
-            releases[name] = _commented({"images": {}})
-        images = releases[name]["images"]
-        if image in images:
-            _assign(images[image], entry.to_yaml())
-        else:
-            images[image] = _commented(entry.to_yaml())
+            put(releases, name, {"images": {}})
+        put(releases[name]["images"], image, entry.to_yaml())
 
     edit(root, change)
     return load(root).get(name)

@@ -240,15 +240,28 @@ def edit(root: Path, change: Callable[[Any], None]) -> str:
         lock.release()
 
 
+def put(container: Any, key: Any, value: Any) -> None:
+    """container[key] = value (plain data) in place, every comment staying where it was:
+    kept keys and items keep theirs, and the comments after the container (above the next
+    release, or at the end of the file) stay after it however it grows or shrinks."""
+    if key in container and _same_shape(container[key], value):
+        _assign(container[key], value)
+        return
+    tail = _detach_tail(container)
+    _set(container, key, value)
+    _attach_tail(container, tail)
+
+
 def _assign(old: Any, new: Any) -> None:
-    """Make the round-trip node old equal new in place: kept keys and items keep their
-    comments and style (a comment is stored with the node that precedes it)."""
+    """Make the round-trip node old equal new in place (see put)."""
+    tail = _detach_tail(old)
     if isinstance(old, dict):
         for key in [k for k in old if k not in new]:
-            del old[key]
+            _drop(old, key)
         keys: Iterator[Any] = iter(new)
     else:
-        del old[len(new):]
+        while len(old) > len(new):
+            _drop(old, len(old) - 1)
         keys = iter(range(len(new)))
     for key in keys:
         value = new[key]
@@ -258,7 +271,143 @@ def _assign(old: Any, new: Any) -> None:
         elif not exists and isinstance(old, list):
             old.append(_commented(value))
         elif not exists or old[key] != value:
-            old[key] = _commented(value)
+            _set(old, key, value)
+    _attach_tail(old, tail)
+
+
+def _has(container: Any, key: Any) -> bool:
+    return key in container if isinstance(container, dict) else 0 <= key < len(container)
+
+
+def _set(container: Any, key: Any, value: Any) -> None:
+    """Replace or add one item; the comments that followed a replaced item follow the new."""
+    after: list[Any] = []
+    if _has(container, key):
+        after = _detach_tail(container[key]) + _detach_slot(container, key)
+        container[key] = _commented(value)
+    elif isinstance(container, list):
+        container.append(_commented(value))
+    else:
+        container[key] = _commented(value)
+    _attach_after(container, key, after)
+
+
+def _drop(container: Any, key: Any) -> None:
+    """Delete one item; the comments after it (above the next item) move up, not away."""
+    keys = list(container) if isinstance(container, dict) else list(range(len(container)))
+    at = keys.index(key)
+    after = _detach_tail(container[key]) + _detach_slot(container, key)
+    del container[key]
+    comments: Any = container.ca
+    comments.items.pop(key, None)
+    if at > 0:
+        _attach_after(container, keys[at - 1], after)
+    elif after and len(container):
+        # now first: its comments go above the next key
+        slot = comments.items.setdefault(keys[1], [None, None, None, None])
+        slot[1] = [*after, *(slot[1] or [])]
+
+
+# --- where ruamel keeps comments ---------------------------------------------------------------
+# The blank lines and full-line comments after a node are stored with the last scalar inside it
+# (a map's ca.items[key][2], a list's ca.items[index][0], the text after that scalar's line
+# break), or in the ca.end of its innermost collection. They belong to what follows: the next
+# release, or the end of the file. They are taken out before a change and put back at the end
+# of the changed node, as lines in ca.end of its innermost block collection.
+
+
+def _post(container: Any) -> int:
+    return 2 if isinstance(container, dict) else 0
+
+
+def _last(container: Any) -> Any:
+    return next(reversed(container)) if isinstance(container, dict) else len(container) - 1
+
+
+def _detach_slot(container: Any, key: Any) -> list[Any]:
+    """The full lines after the scalar at key; its end-of-line comment stays."""
+    slot = container.ca.items.get(key)
+    pos = _post(container)
+    if not slot or len(slot) <= pos or slot[pos] is None:
+        return []
+    value = slot[pos].value
+    cut = value.find("\n") + 1 if value.startswith("#") else 1
+    if value.startswith("#") and cut:
+        slot[pos].value = value[:cut]
+    elif value.startswith("#"):
+        return []
+    else:
+        slot[pos] = None
+    return [_line(line) for line in value[cut:].splitlines(keepends=True)]
+
+
+def _line(line: str) -> Any:
+    from ruamel.yaml.error import CommentMark
+    from ruamel.yaml.tokens import CommentToken
+
+    text = line.lstrip(" ")
+    if not text.strip():
+        return CommentToken("\n", CommentMark(0))
+    return CommentToken(text.rstrip("\n") + "\n", CommentMark(len(line) - len(text)))
+
+
+def _detach_tail(node: Any) -> list[Any]:
+    """Take the lines after node's last line out of node (they are returned in order)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    levels: list[list[Any]] = []
+    while isinstance(node, (CommentedMap, CommentedSeq)):
+        found = _detach_slot(node, _last(node)) if len(node) else []
+        found += list(node.ca.end or [])
+        node.ca.end = []
+        levels.append(found)
+        if not len(node):
+            break
+        node = node[_last(node)]
+    return [token for level in reversed(levels) for token in level]
+
+
+def _attach_tail(node: Any, tokens: list[Any]) -> None:
+    """Put lines after node's last line: in ca.end of its innermost block collection."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if not tokens:
+        return
+    while len(node):
+        child = node[_last(node)]
+        if not isinstance(child, (CommentedMap, CommentedSeq)) or not len(child) or \
+                child.fa.flow_style():
+            break
+        node = child
+    if node.ca.comment is None:
+        node.ca.comment = [None, None]  # ruamel emits ca.end only next to a ca.comment
+    node.ca.end = [*(node.ca.end or []), *tokens]
+
+
+def _attach_after(container: Any, key: Any, tokens: list[Any]) -> None:
+    """Put lines right after the item at key (which may be a scalar or a flow collection)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    from ruamel.yaml.error import CommentMark
+    from ruamel.yaml.tokens import CommentToken
+
+    if not tokens:
+        return
+    if key == _last(container):
+        _attach_tail(container, tokens)
+        return
+    item = container[key]
+    if isinstance(item, (CommentedMap, CommentedSeq)) and len(item) and not item.fa.flow_style():
+        _attach_tail(item, tokens)
+        return
+    text = "".join(" " * t.start_mark.column + t.value if t.value.strip() else "\n"
+                   for t in tokens)
+    pos = _post(container)
+    slot = container.ca.items.setdefault(key, [None] * (pos + 2))
+    old = slot[pos]
+    if old is not None and old.value.startswith("#"):
+        old.value = old.value.rstrip("\n") + "\n" + text
+    else:
+        slot[pos] = CommentToken("\n" + text, CommentMark(0))
 
 
 def _same_shape(old: Any, new: Any) -> bool:
