@@ -269,10 +269,18 @@ def _assign(old: Any, new: Any) -> None:
         if exists and _same_shape(old[key], value):
             _assign(old[key], value)
         elif not exists and isinstance(old, list):
-            old.append(_commented(value))
+            old.append(_like(old[-1] if old else None, _commented(value)))
         elif not exists or old[key] != value:
             _set(old, key, value)
     _attach_tail(old, tail)
+
+
+def _like(sibling: Any, item: Any) -> Any:
+    """A new list item written as its sibling is: a file as {path: ..., size: ..., ...}."""
+    flow = getattr(getattr(sibling, "fa", None), "flow_style", lambda: None)()
+    if flow and hasattr(item, "fa"):
+        item.fa.set_flow_style()
+    return item
 
 
 def _has(container: Any, key: Any) -> bool:
