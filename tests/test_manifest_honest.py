@@ -380,7 +380,7 @@ def test_verify_against_a_stopped_http_mirror_is_one_line(tmp_path: Path) -> Non
 
     with HTTPServer(folder) as http:
         url = http.url
-        done = build("release", "record", "2.0.0", "--mirror-url", url)
+        done = build("release", "record", "2.0.0", "smoke", "--mirror-url", url)
         assert done.returncode == 0, done.stderr
     # the same port, nobody listening now
     done = build("release", "verify", "2.0.0", "--mirror-url", url)
