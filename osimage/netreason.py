@@ -79,11 +79,23 @@ def reason(e: BaseException) -> str:
         return "TLS error: " + _text(next(x for x in reversed(chain)
                                           if type(x).__name__ in _SSL))
     if names & _CUT_SHORT:
-        return "connection closed before the end of the answer"
+        return "connection closed early" + next(
+            (_counts(x) for x in chain if type(x).__name__ == "IncompleteRead"), "")
     for x in reversed(chain):  # the innermost OSError says most
         if isinstance(x, OSError) and x.strerror:
             return x.strerror[0].lower() + x.strerror[1:]
     return _text(chain[-1])
+
+
+def _counts(e: BaseException) -> str:
+    """urllib3's IncompleteRead counts bytes (http.client's holds the bytes themselves)."""
+    partial, expected = getattr(e, "partial", None), getattr(e, "expected", None)
+    if isinstance(partial, bytes):
+        partial = len(partial)
+    if not isinstance(partial, int):
+        return ""
+    more = f", {expected} more expected" if isinstance(expected, int) else ""
+    return f" ({partial} bytes read{more})"
 
 
 def _text(e: BaseException) -> str:
