@@ -339,12 +339,13 @@ def _detach_slot(container: Any, key: Any) -> list[Any]:
     if not slot or len(slot) <= pos or slot[pos] is None:
         return []
     value = slot[pos].value
-    cut = value.find("\n") + 1 if value.startswith("#") else 1
-    if value.startswith("#") and cut:
+    if value.lstrip(" ").startswith("#"):  # "# end-of-line comment\n" + the lines after
+        cut = value.find("\n") + 1
+        if not cut:
+            return []
         slot[pos].value = value[:cut]
-    elif value.startswith("#"):
-        return []
-    else:
+    else:  # "\n" (the scalar's own line break) + the lines after
+        cut = 1 if value.startswith("\n") else 0
         slot[pos] = None
     return [_line(line) for line in value[cut:].splitlines(keepends=True)]
 
