@@ -166,8 +166,9 @@ def release_group() -> None:
 @site_option
 def release_record_cmd(name: str, images: tuple[str, ...], force: bool, mirror_url: str | None,
                        site_file: Path | None) -> None:
-    """Record RELEASE from the latest clean build of each IMAGE (default: every image), read
-    from images/IMAGE/manifest.json, once each file matches the mirror."""
+    """Record RELEASE from the latest clean published build of each IMAGE, read from
+    images/IMAGE/manifest.json, once each file matches the mirror. Without IMAGE: every image
+    that has one; the others are named as skipped."""
     from osimage import release
 
     root = project_root()

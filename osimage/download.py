@@ -23,6 +23,8 @@ from urllib.parse import quote
 from filelock import FileLock
 
 from osimage.errors import BuildError, ConfigError
+from osimage.netreason import http_status
+from osimage.netreason import reason as _reason
 from osimage.runner import check_interrupted
 
 CHUNK = 1 << 20
@@ -98,17 +100,6 @@ def source_for(site_data: dict[str, Any], root: Path, shown: str = "site.yaml") 
     return Source(str(path if path.is_absolute() else root / path))
 
 
-def _reason(e: BaseException) -> str:
-    """The innermost message of a requests/urllib3 error, which wrap one another in args."""
-    while e.args and isinstance(e.args[0], BaseException):
-        e = e.args[0]
-    while e.__context__ is not None and not str(e):
-        e = e.__context__
-    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    text = text.splitlines()[0] if text else type(e).__name__
-    return text[-200:]
-
-
 def _int(text: str) -> int | None:
     return int(text) if text.isdigit() else None
 
@@ -134,7 +125,8 @@ def _http_stream(src: Source, path: str, start: int) -> tuple[int, int | None, I
         return start, int(whole) if whole.isdigit() else None, iter(())
     if r.status_code not in (200, 206):
         r.close()
-        raise DownloadError(f"{path}: HTTP {r.status_code} {r.reason} from the {src.describe()}")
+        raise DownloadError(f"{path}: {http_status(r.status_code, r.reason)} from the "
+                            f"{src.describe()}")
     offset, total = 0, _int(r.headers.get("Content-Length", ""))
     if r.status_code == 206:
         # Content-Range: bytes START-END/TOTAL

@@ -31,6 +31,7 @@ from osimage.config import display_path
 from osimage.context import BuildContext
 from osimage.errors import BuildError, ConfigError
 from osimage.fsutil import waiting_lock
+from osimage.netreason import reason as net_reason
 
 Step = Callable[[BuildContext, contextlib.ExitStack], None]
 
@@ -153,7 +154,9 @@ def _url_size(url: str) -> int:
         resp.raise_for_status()
         return int(resp.headers["Content-Length"])
     except (requests.RequestException, KeyError, ValueError) as e:
-        raise BuildError(f"{url}: cannot tell its size for the upload ({e})",
+        why = net_reason(e) if isinstance(e, OSError | requests.RequestException) else \
+            "no Content-Length"
+        raise BuildError(f"{url}: cannot tell its size for the upload ({why})",
                          hint="the server must answer HEAD with a Content-Length") from None
 
 

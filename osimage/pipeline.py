@@ -410,7 +410,9 @@ def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
             "git_commit": ctx.git.commit,
             "dirty": ctx.git.dirty,
             "sha256": {a.name: a.sha256 for a in ctx.artifacts},
-            "mirror_path": ctx.mirror_dest,
+            # --no-publish: nothing is on the mirror, and tidy/release must not think so
+            "published": bool(ctx.mirror_paths),
+            "mirror_path": ctx.mirror_dest if ctx.mirror_paths else None,
             "inputs_sha256": ctx.inputs_sha256,
             "accelerator": ctx.accelerator,
             "patches": patches.record(ctx),

@@ -1,293 +1,56 @@
-"""manifests/manifest.yaml: which build of each image makes up a release.
+"""./build.py release record|set|verify|show|diff: which build of each image makes up a release.
 
-    releases:
-      2.4.0:
-        patches: {path: repos/Rocky8/..., sha256: ...}   # optional, or null
-        images:
-          rocky8-base:
-            version: 2.4.0
-            git_commit: <40 hex digits>
-            files:
-              - {path: builds/rocky8-base/2.4.0/rocky8-base.qcow2, size: ..., sha256: ...}
-
-An image entry lists files, so the exports of an image (rootfs, oci, squashfs) can join its disk
-later. Edits go through ruamel.yaml's round trip, so comments, key order and formatting outside
-the edited entry stay byte for byte; they are written atomically under a lock. Nothing enters
-the file unless every file it names is on the mirror with the recorded size and sha256.
+The file's model and its comment-keeping round trip are in osimage/release_manifest.py (its
+names are re-exported here). Nothing enters the file unless every file it names is on the
+mirror with the recorded size and sha256.
 """
 
 from __future__ import annotations
 
-import difflib
-import io
 import json
 import re
 import subprocess
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from filelock import FileLock, Timeout
-
-from osimage import config, manifest
+from osimage import config, manifest, netreason
 from osimage.artifacts import CHUNK, ThreadedHasher, hash_file
-from osimage.errors import ConfigError, FactoryError
-from osimage.fsutil import atomic_write_text
+from osimage.errors import ConfigError
 from osimage.gitstate import RELEASE
-from osimage.tidy import is_clean, latest_clean, manifest_path, named_images
+from osimage.release_manifest import (
+    EMPTY,
+    MANIFEST,
+    UNKNOWN_SIZE,
+    FileEntry,
+    ImageEntry,
+    Patches,
+    Release,
+    ReleaseError,
+    ReleaseManifest,
+    _assign,
+    _commented,
+    check_release_name,
+    dumps,
+    edit,
+    load,
+    lock_for,
+    put,
+)
+from osimage.tidy import is_clean, is_published, latest_clean, manifest_path, named_images
 
-MANIFEST = "manifests/manifest.yaml"
-EMPTY = "releases: {}\n"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 HTTP_TIMEOUT = (10.0, 60.0)  # connect, between two reads
-UNKNOWN_SIZE = -1  # a patch tarball's size is optional
 
-
-class ReleaseError(FactoryError):
-    """A release could not be recorded or does not match the mirror; nothing was written."""
-
-
-# --- the model ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    path: str
-    size: int
-    sha256: str
-    kind: str | None = None
-
-    def to_yaml(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
-        if self.kind is not None:
-            out["kind"] = self.kind
-        return out
-
-
-@dataclass(frozen=True)
-class ImageEntry:
-    version: str
-    git_commit: str
-    files: tuple[FileEntry, ...]
-
-    def to_yaml(self) -> dict[str, Any]:
-        return {"version": self.version, "git_commit": self.git_commit,
-                "files": [f.to_yaml() for f in self.files]}
-
-
-@dataclass(frozen=True)
-class Patches:
-    path: str
-    sha256: str
-    size: int | None = None
-
-
-@dataclass(frozen=True)
-class Release:
-    name: str
-    images: dict[str, ImageEntry]
-    patches: Patches | None = None
-    description: str | None = None
-
-    def files(self) -> Iterator[tuple[str, FileEntry]]:
-        """(image, file) for every file the release names; the patch tarball as '(patches)'."""
-        for image, entry in self.images.items():
-            for f in entry.files:
-                yield image, f
-        if self.patches is not None:
-            size = UNKNOWN_SIZE if self.patches.size is None else self.patches.size
-            yield "(patches)", FileEntry(self.patches.path, size, self.patches.sha256)
-
-
-def _image_entry(data: Mapping[str, Any]) -> ImageEntry:
-    files = tuple(FileEntry(path=str(f["path"]), size=int(f["size"]), sha256=str(f["sha256"]),
-                            kind=f.get("kind")) for f in data["files"])
-    return ImageEntry(version=str(data["version"]), git_commit=str(data["git_commit"]),
-                      files=files)
-
-
-@dataclass
-class ReleaseManifest:
-    """The parsed file: the round-trip document (for edits) and its path."""
-
-    path: Path
-    doc: Any = field(repr=False)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.doc["releases"])
-
-    def get(self, name: str) -> Release:
-        releases = self.doc["releases"]
-        if name not in releases:
-            near = difflib.get_close_matches(name, self.names, n=1, cutoff=0.5)
-            hint = (f"did you mean '{near[0]}'?" if near
-                    else f"releases: {', '.join(self.names) or 'none yet'}")
-            raise ConfigError(f"{MANIFEST}: no release '{name}' ({hint})")
-        data = releases[name]
-        p = data.get("patches")
-        patches = None if p is None else Patches(str(p["path"]), str(p["sha256"]), p.get("size"))
-        return Release(name=name, patches=patches, description=data.get("description"),
-                       images={str(k): _image_entry(v) for k, v in data["images"].items()})
-
-    def image(self, release: str, image: str) -> ImageEntry:
-        """One image's entry (e.g. the rocky8-base disk a usb-installer build starts from)."""
-        entry = self.get(release).images.get(image)
-        if entry is None:
-            raise ConfigError(f"{MANIFEST}: release '{release}' has no image '{image}'")
-        return entry
-
-
-# --- reading and writing the file --------------------------------------------------------------
-
-
-def _yaml() -> Any:
-    from ruamel.yaml import YAML
-
-    yaml = YAML()  # round trip: comments, order and quoting survive
-    yaml.indent(mapping=2, sequence=4, offset=2)
-    yaml.width = 4096
-    yaml.preserve_quotes = True
-    # 'patches: null' stays null: ruamel writes None as an empty value otherwise
-    yaml.representer.add_representer(
-        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
-    return yaml
-
-
-def _parse(text: str) -> Any:
-    from ruamel.yaml.error import MarkedYAMLError, YAMLError
-
-    try:
-        doc = _yaml().load(text)
-    except MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{MANIFEST}{where}: not valid YAML: {e.problem}") from None
-    except YAMLError as e:
-        raise ConfigError(f"{MANIFEST}: not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{MANIFEST}: (top level): must be a mapping with 'releases'")
-    _check_keys(doc)
-    config.validate(doc, "release", MANIFEST)
-    for name, rel in doc["releases"].items():
-        for image, entry in rel["images"].items():
-            if entry["version"].endswith("-dirty"):
-                raise ConfigError(f"{MANIFEST}: releases.{name}.images.{image}.version: "
-                                  f"{entry['version']!r} is a -dirty build: never in a release")
-    return doc
-
-
-def _check_keys(doc: Mapping[str, Any]) -> None:
-    """Release and image names must be strings: YAML reads an unquoted 2.4 as a number."""
-    releases = doc.get("releases")
-    if not isinstance(releases, dict):
-        return
-    for name, rel in releases.items():
-        if not isinstance(name, str):
-            raise ConfigError(f"{MANIFEST}: releases.{name}: a release name must be a string "
-                              f"(write '{name}' in quotes)")
-        images = rel.get("images") if isinstance(rel, dict) else None
-        for image in images or {}:
-            if not isinstance(image, str):
-                raise ConfigError(f"{MANIFEST}: releases.{name}.images.{image}: an image name "
-                                  f"must be a string")
-
-
-def load(root: Path) -> ReleaseManifest:
-    path = root / MANIFEST
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        text = EMPTY
-    except OSError as e:
-        raise ConfigError(f"{MANIFEST}: cannot read: {e.strerror}") from None
-    return ReleaseManifest(path=path, doc=_parse(text))
-
-
-def dumps(doc: Any) -> str:
-    out = io.StringIO()
-    _yaml().dump(doc, out)
-    return out.getvalue()
-
-
-def lock_for(root: Path) -> FileLock:
-    """The lock of manifest.yaml. It lives in the git directory: a lock file in manifests/
-    would be an untracked file, and an untracked file makes the next build -dirty."""
-    proc = subprocess.run(["git", "-C", str(root), "rev-parse", "--git-path",
-                           "osimage-manifest.yaml.lock"], capture_output=True, text=True,
-                          check=False, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise ConfigError(f"{root}: not inside a git repository")
-    lock = Path(proc.stdout.strip())
-    return FileLock(str(lock if lock.is_absolute() else root / lock),
-                    timeout=manifest.LOCK_TIMEOUT)
-
-
-def edit(root: Path, change: Callable[[Any], None]) -> str:
-    """Re-read, change and atomically rewrite manifest.yaml while holding its lock."""
-    lock = lock_for(root)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise ReleaseError(f"{MANIFEST}: still locked by another command after "
-                           f"{manifest.LOCK_TIMEOUT:.0f} s ({lock.lock_file})") from None
-    try:
-        current = load(root)
-        # Under the lock, a temp file can only be left by a writer that was killed.
-        for stale in current.path.parent.glob(f".{current.path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        change(current.doc)
-        text = dumps(current.doc)
-        _parse(text)  # never write a file the next command would refuse to read
-        atomic_write_text(current.path, text)
-        return text
-    finally:
-        lock.release()
-
-
-def _assign(old: Any, new: Any) -> None:
-    """Make the round-trip node old equal new in place: kept keys and items keep their
-    comments and style (a comment is stored with the node that precedes it)."""
-    if isinstance(old, dict):
-        for key in [k for k in old if k not in new]:
-            del old[key]
-        keys: Iterator[Any] = iter(new)
-    else:
-        del old[len(new):]
-        keys = iter(range(len(new)))
-    for key in keys:
-        value = new[key]
-        exists = key in old if isinstance(old, dict) else key < len(old)
-        if exists and _same_shape(old[key], value):
-            _assign(old[key], value)
-        elif not exists and isinstance(old, list):
-            old.append(_commented(value))
-        elif not exists or old[key] != value:
-            old[key] = _commented(value)
-
-
-def _same_shape(old: Any, new: Any) -> bool:
-    return (isinstance(old, dict) and isinstance(new, Mapping)) or \
-        (isinstance(old, list) and isinstance(new, list))
-
-
-def _commented(value: Any) -> Any:
-    """Fresh round-trip nodes for plain data (shared ones would be dumped as YAML aliases)."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
-
-    if isinstance(value, Mapping):
-        return CommentedMap((k, _commented(v)) for k, v in value.items())
-    if isinstance(value, list):
-        return CommentedSeq(_commented(v) for v in value)
-    return value
-
-
-def check_release_name(name: str) -> None:
-    if not RELEASE.match(name):
-        raise ConfigError(f"release {name!r} is not a valid release name",
-                          hint="letters, digits, '.', '_', '+' and '-', e.g. 2.4.0")
+__all__ = [
+    "EMPTY", "MANIFEST", "UNKNOWN_SIZE", "FileEntry", "ImageEntry", "Patches", "Release",
+    "ReleaseError", "ReleaseManifest", "_assign", "_commented", "check_release_name", "dumps",
+    "edit", "entry_by_hand", "entry_from_build", "load", "lock_for", "open_reader", "put",
+    "record",
+    "set_image", "verify",
+]
 
 
 # --- the mirror --------------------------------------------------------------------------------
@@ -343,7 +106,7 @@ class HttpMirror:
                 if r.status_code == 404:
                     return Measured(problem="missing on the mirror")
                 if r.status_code != 200:
-                    return Measured(problem=f"HTTP {r.status_code} {r.reason}")
+                    return Measured(problem=netreason.http_status(r.status_code, r.reason))
                 length = r.headers.get("Content-Length", "")
                 if size not in (None, UNKNOWN_SIZE) and length.isdigit() and int(length) != size:
                     return Measured(size=int(length))
@@ -357,16 +120,10 @@ class HttpMirror:
                 return Measured(size=hasher.size, sha256=digest)
         except requests.ConnectionError as e:
             raise ReleaseError(f"{self.describe()}: cannot connect to get {path}: "
-                               f"{_reason(e)}") from None
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
-            raise ReleaseError(f"{self.describe()}: reading {path} failed: {_reason(e)}") from None
-
-
-def _reason(e: BaseException) -> str:
-    while e.__context__ is not None and not str(e):
-        e = e.__context__
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text[-200:]
+                               f"{netreason.reason(e)}") from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise ReleaseError(f"{self.describe()}: reading {path} failed: "
+                               f"{netreason.reason(e)}") from None
 
 
 @dataclass
@@ -424,6 +181,14 @@ def _require_on_mirror(image: str, entry: ImageEntry, reader: MirrorReader,
 # --- record and set ----------------------------------------------------------------------------
 
 
+class NoBuildToRecord(ReleaseError):
+    """An image has no clean published build: `release record` without names skips it."""
+
+    def __init__(self, message: str, why: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.why = why
+
+
 def _entry_from_build(root: Path, image: str, version: str | None) -> ImageEntry:
     path = manifest_path(root, image)
     shown = f"images/{image}/manifest.json"
@@ -433,24 +198,31 @@ def _entry_from_build(root: Path, image: str, version: str | None) -> ImageEntry
         if build is None:
             n = len(builds)
             what = f"{n} build{'s' if n > 1 else ''}, none clean" if n else "no builds"
-            raise ReleaseError(f"{shown}: no clean build of {image} to record ({what})",
-                               hint=f"commit, then ./build.py {image} --release X")
+            raise NoBuildToRecord(f"{shown}: no clean build of {image} to record ({what})",
+                                  what, hint=f"commit, then ./build.py {image} --release X")
     else:
         same = [b for b in builds if (b.get("custom_data") or {}).get("version") == version]
         if not same:
             known = [str((b.get("custom_data") or {}).get("version")) for b in builds]
             raise ConfigError(f"{shown}: no build of {image} with version {version!r} "
                               f"(versions: {', '.join(dict.fromkeys(known)) or 'none'})")
-        build = same[-1]
+        # the same version built again with --no-publish leaves the published one on the mirror
+        build = ([b for b in same if is_published(b)] or same)[-1]
         if not is_clean(build):
             raise ReleaseError(f"{shown}: build {version} of {image} is from a dirty tree "
                                f"(-dirty); a release takes clean builds only")
+    if not is_published(build):
+        which = build["custom_data"]["version"]
+        what = f"build {which} was made with --no-publish"
+        raise NoBuildToRecord(f"{shown}: no published build of {image} to record ({what}; "
+                              f"none of its clean builds is on the mirror)", what,
+                              hint=f"./build.py {image} --release X (without --no-publish)")
     data = build["custom_data"]
     files = []
     for f in build.get("files") or []:
         name = str(f.get("name", ""))
         digest = (data.get("sha256") or {}).get(name)
-        if not digest or "mirror_path" not in data or "size" not in f:
+        if not digest or not data.get("mirror_path") or "size" not in f:
             raise ReleaseError(f"{shown}: build {data['version']} of {image} does not record "
                                f"the size, sha256 and mirror_path of {name or 'its files'}")
         files.append(FileEntry(path=f"{data['mirror_path']}/{Path(name).name}",
@@ -470,11 +242,27 @@ def _select_images(root: Path, images: Sequence[str]) -> list[str]:
 
 def record(root: Path, name: str, images: Sequence[str], force: bool, reader: MirrorReader,
            say: Callable[[str], None]) -> Release:
-    """Make release name from the latest clean build of each image (all images by default)."""
+    """Make release name from the latest clean published build of each image named. Without
+    names: of every image that has one; the others are named as skipped, and only a release
+    with no image at all is refused."""
     check_release_name(name)
     chosen = _select_images(root, images)
     _refuse_existing(load(root).doc, name, None, force)
-    entries = {image: _entry_from_build(root, image, None) for image in chosen}
+    entries: dict[str, ImageEntry] = {}
+    skipped: list[str] = []
+    for image in chosen:
+        try:
+            entries[image] = _entry_from_build(root, image, None)
+        except NoBuildToRecord as e:
+            if images:
+                raise
+            skipped.append(f"{image} ({e.why})")
+    if skipped:
+        say(f"    skipped, no clean published build: {', '.join(skipped)}")
+    if not entries:
+        raise ReleaseError(f"release {name}: no image has a clean published build to record "
+                           f"({', '.join(skipped)})",
+                           hint="commit, then ./build.py IMAGE --release X; nothing was written")
     for image, entry in entries.items():
         _require_on_mirror(image, entry, reader, say)
 
@@ -483,9 +271,9 @@ def record(root: Path, name: str, images: Sequence[str], force: bool, reader: Mi
         releases = doc["releases"]
         new = {image: e.to_yaml() for image, e in entries.items()}
         if name in releases:
-            _assign(releases[name]["images"], new)  # keeps its patches and comments
+            put(releases[name], "images", new)  # keeps its patches and comments
         else:
-            releases[name] = _commented({"images": new})
+            put(releases, name, {"images": new})
 
     edit(root, change)
     return load(root).get(name)
@@ -502,12 +290,8 @@ def set_image(root: Path, name: str, image: str, entry: ImageEntry, force: bool,
         _refuse_existing(doc, name, image, force)
         releases = doc["releases"]
         if name not in releases:
-            releases[name] = _commented({"images": {}})
-        images = releases[name]["images"]
-        if image in images:
-            _assign(images[image], entry.to_yaml())
-        else:
-            images[image] = _commented(entry.to_yaml())
+            put(releases, name, {"images": {}})
+        put(releases[name]["images"], image, entry.to_yaml())
 
     edit(root, change)
     return load(root).get(name)

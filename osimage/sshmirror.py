@@ -47,6 +47,7 @@ import paramiko
 import requests
 from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_WRITE, int64
 
+from osimage import netreason
 from osimage.artifacts import Artifact, ThreadedHasher, parse_checksum_file
 from osimage.errors import BuildError, ConfigError, FactoryError
 from osimage.runner import check_interrupted
@@ -161,18 +162,14 @@ def verify_http(url: str, size: int, sha256: str, *, timeout: float = HTTP_TIMEO
         with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT, timeout),
                           headers=headers) as r:
             if r.status_code != 200:
-                raise BuildError(f"mirror HTTP check: {url}: {r.status_code} {r.reason}",
+                raise BuildError(f"mirror HTTP check: {url}: "
+                                 f"{netreason.http_status(r.status_code, r.reason)}",
                                  hint="mirror.http must serve the mirror's root folder")
             for chunk in r.iter_content(BLOCK):
                 h.update(chunk)
                 got += len(chunk)
-    except requests.RequestException as e:
-        reason = type(e).__name__
-        if isinstance(e, requests.ConnectionError):
-            reason = "connection failed"
-        elif isinstance(e, requests.Timeout):
-            reason = "timed out"
-        raise BuildError(f"mirror HTTP check: {url}: {reason}",
+    except (requests.RequestException, OSError) as e:
+        raise BuildError(f"mirror HTTP check: {url}: {netreason.reason(e)}",
                          hint="check mirror.http and that the mirror's web server runs") from None
     if got != size:
         raise BuildError(f"mirror HTTP check: {url}: served {got} bytes, expected {size}")

@@ -1,4 +1,4 @@
-"""Tidy images/NAME/manifest.json down to the latest clean build.
+"""Tidy images/NAME/manifest.json down to the latest clean build (published, when one was).
 
 Every build appends to the image's manifest.json. Before a merge the seed process asks for one
 entry per image: the latest build from a clean tree. `tidy` makes that state, `tidy --check`
@@ -34,17 +34,31 @@ def is_clean(build: Any) -> bool:
             and not version.endswith("-dirty") and bool(data.get("git_commit")))
 
 
+def is_published(build: Any) -> bool:
+    """Its files went to the mirror. A --no-publish build records published: false; a build
+    recorded before that flag existed is taken as published, as it was then."""
+    data = build.get("custom_data") if isinstance(build, dict) else None
+    if not isinstance(data, dict):
+        return False
+    if "published" in data:
+        return data["published"] is True
+    return bool(data.get("mirror_path"))
+
+
 def latest_clean(builds: Sequence[Any]) -> dict[str, Any] | None:
-    """The last clean build recorded (builds are appended in the order they finished)."""
-    for build in reversed(builds):
-        if is_clean(build):
-            return dict(build)
-    return None
+    """The build to keep and to release: the last clean published build (builds are appended
+    in the order they finished); the last clean one only when none of them was published, so
+    a --no-publish build never wins over a published one."""
+    clean = [b for b in builds if is_clean(b)]
+    published = [b for b in clean if is_published(b)]
+    chosen = published or clean
+    return dict(chosen[-1]) if chosen else None
 
 
 def build_label(build: dict[str, Any]) -> str:
     data = build.get("custom_data") or {}
-    return f"{data.get('version', '?')} (run {build.get('packer_run_uuid', '?')})"
+    unpublished = "" if is_published(build) else ", not published"
+    return f"{data.get('version', '?')} (run {build.get('packer_run_uuid', '?')}{unpublished})"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ APT_PACKAGES=(
     squashfs-tools squashfs-tools-ng umoci skopeo docker-registry
     # checking what we ship
     shellcheck
+    # --debug: the serial console command it prints (socat -,raw,echo=0 UNIX-CONNECT:...)
+    socat
 )
 
 missing=()

@@ -132,13 +132,15 @@ def test_record_takes_the_latest_clean_build_of_each_image(
 
 def test_record_refuses_an_image_without_a_clean_build(
         repo: Path, mirror: Mirror, capsys: pytest.CaptureFixture[str]) -> None:
+    """A named image must have one; without names it is skipped (test_manifest_honest.py)."""
     add_build(repo, "smoke", "1.0", mirror=mirror.folder)
     before = manifest_text(repo)
-    code, _, err = run(capsys, "release", "record", "2.0.0", "--mirror-url", mirror.url)
+    record = ("release", "record", "2.0.0", "smoke", "base", "--mirror-url", mirror.url)
+    code, _, err = run(capsys, *record)
     assert code == 1
     assert "error: images/base/manifest.json: no clean build of base to record (no builds)" in err
     add_build(repo, "base", "2.0", dirty=True, mirror=mirror.folder)
-    code, _, err = run(capsys, "release", "record", "2.0.0", "--mirror-url", mirror.url)
+    code, _, err = run(capsys, *record)
     assert code == 1
     assert "no clean build of base to record (1 build, none clean)" in err
     assert manifest_text(repo) == before
@@ -181,8 +183,10 @@ def test_a_new_release_is_appended_leaving_the_rest_byte_for_byte(
     code, _, err = run(capsys, "release", "record", "1.2.0", "smoke", "--mirror-url", mirror.url)
     assert code == 0, err
     new = manifest_text(repo)
-    assert new.startswith(text)
-    assert new[len(text):].startswith("  1.2.0:\n    images:\n      smoke:\n")
+    # the comment at the end of the file stays at the end (test_manifest_honest.py)
+    body = text.removesuffix("# end of releases\n")
+    assert new.startswith(body) and new.endswith("\n# end of releases\n")
+    assert new[len(body):].startswith("  1.2.0:\n    images:\n      smoke:\n")
     assert list(releases(repo)) == ["1.0.0", "1.1.0", "1.2.0"]
 
 
