@@ -81,5 +81,6 @@ class LoginHints:
             host, port = self.vnc.rsplit(":", 1)
             out.append(f"    VNC display: vnc://{self.vnc} (vncviewer {host}::{port})")
         if self.serial_socket is not None:
-            out.append(f"    serial console: socat -,raw,echo=0 UNIX-CONNECT:{self.serial_socket}")
+            out.append(f"    serial console: socat -,raw,echo=0,escape=0x0f "
+                       f"UNIX-CONNECT:{self.serial_socket} (Ctrl-O leaves)")
         return out
