@@ -58,11 +58,14 @@ class Limits:
     max_member_bytes: int = USTAR_MAX_SIZE  # what a ustar header holds: 8 GiB - 1
     max_name_length: int = 1024  # bytes of a name or a link target
     max_kept_bytes: int = 256 << 20  # metadata files read into memory (repodata, advisories)
+    total_because: str = ""  # what max_total_bytes comes from, for the message
 
-    def for_disk(self, disk_bytes: int) -> Limits:
+    def for_disk(self, disk_bytes: int, because: str) -> Limits:
         """The limits for a VM whose disk holds disk_bytes: the tarball and what it unpacks to
         must both fit, so its members may add up to half the disk at most."""
-        return replace(self, max_total_bytes=min(self.max_total_bytes, disk_bytes // 2))
+        if disk_bytes // 2 >= self.max_total_bytes:
+            return self
+        return replace(self, max_total_bytes=disk_bytes // 2, total_because=f" ({because})")
 
 
 class UnsafeArchive(BuildError):
@@ -365,7 +368,8 @@ def _walk(raw: _Tap, out: Contents, keep: Callable[[str], bool], digest: Callabl
                 return f"more than {limits.max_members} members"
             out.total_bytes += m.size
             if out.total_bytes > limits.max_total_bytes:
-                return f"members add up to more than {limits.max_total_bytes} bytes"
+                return (f"members add up to more than {limits.max_total_bytes} bytes"
+                        f"{limits.total_because}")
             seen[m.name] = m
             out.kinds[m.name] = m.kind
             if m.kind != "dir":
