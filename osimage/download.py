@@ -6,7 +6,9 @@ hashed once), a few times within one call and again by the next build. Only a fi
 and sha256 are right is renamed to CACHE/SHA256, so a file in the cache is always one that was
 verified when it arrived. A resumed file whose sha256 is wrong once complete may owe that to
 the bytes kept in .part (a disk error, a killed writer): it is downloaded once more from byte 0,
-and only a file that is wrong when downloaded whole is the mirror's fault. The cache is ~/.cache/osimage/patches/ ($XDG_CACHE_HOME honoured):
+and only a file that is wrong when downloaded whole is the mirror's fault.
+
+The cache is ~/.cache/osimage/patches/ ($XDG_CACHE_HOME honoured):
 outside the repository, so every clone and `rm -rf build/` share it, and content-addressed, so
 sharing is safe; a lock per sha256 keeps two builds from writing the same file.
 """

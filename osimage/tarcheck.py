@@ -226,7 +226,7 @@ def _member(h: Header, seen: dict[str, Member], limits: Limits) -> Member | str:
         target = _canonical(linkname, False) if normalise(linkname) is not None else None
         if target is None or linkname.startswith("/"):
             return f"hard link {shown} points outside the archive ({linkname!r})"
-        if seen.get(target, None) is None or seen[target].kind not in ("file", "hardlink"):
+        if seen.get(target) is None or seen[target].kind not in ("file", "hardlink"):
             return f"hard link {shown} points to {linkname!r}, not an earlier member"
         linkname = target
     return Member(name=name, kind=h.kind, mode=h.mode & 0o7777, size=h.size, mtime=h.mtime,
