@@ -206,6 +206,10 @@ def _fields(block: bytes, at: int) -> Header:
         if at == 0:
             raise Refused("not a tar archive (no valid tar header at its start)")
         raise Refused(f"garbled header at byte {at}: bad checksum")
+    flag = block[156:157]
+    if flag in _REFUSED_TYPES:  # before the fields they use in their own way
+        raise Refused(f"member {_nts(block[:100]).decode(errors='replace')!r} is "
+                      f"{_REFUSED_TYPES[flag]}")
     magic = block[257:265]
     if magic == GNU_MAGIC:
         if block[345:BLOCK].strip(b"\x00"):
@@ -222,7 +226,6 @@ def _fields(block: bytes, at: int) -> Header:
                       "(old v7 archives are read differently by each tar)")
     name = _nts(block[:100])
     full = prefix + b"/" + name if prefix else name
-    flag = block[156:157]
     return Header(
         name=_text(full, "the name", at), kind="", mode=_octal(block[100:108], "the mode", at),
         uid=_octal(block[108:116], "the uid", at, empty_ok=True),
