@@ -5,8 +5,9 @@ An image declares both steps in its image.yaml (paths relative to the image fold
 
     patches:
       apply:                         # runs FIRST in a --release build, so later steps see a
-        script: patches/apply.sh     #   patched system; gets OSIMAGE_PATCHES (the tarball in
-        destination: /tmp/p.tar.gz   #   the VM), OSIMAGE_PATCHES_NAME, OSIMAGE_PATCHES_SHA256
+        script: patches/apply.sh     #   patched system; gets OSIMAGE_PATCHES (the re-pack in
+        destination: /tmp/p.tar      #   the VM), OSIMAGE_PATCHES_NAME, OSIMAGE_PATCHES_SHA256
+                                     #   (the release's tarball), OSIMAGE_PATCHES_REPACK_SHA256
       create:                        # runs LAST in a --create-patches build (or before the
         script: patches/create.sh    #   provisioner `before` names); leaves the tarball at
         output: /var/tmp/patches.tar.gz  # output (also in OSIMAGE_PATCHES_OUTPUT)
@@ -15,8 +16,11 @@ An image declares both steps in its image.yaml (paths relative to the image fold
 
 An image without `patches.create` refuses --create-patches (exit 2). A release tarball is fetched
 into the cache (osimage/download.py), and its sha256 and its safety (osimage/tarcheck.py) and
-consistency (osimage/patchindex.py) are checked before anything else of the build happens; a
-refused tarball ends the build with one line and exit 1, before any VM starts. A created
+consistency (osimage/patchindex.py) are checked before anything else of the build happens, its
+members adding up to half the image's disk_size at most; a refused tarball ends the build with
+one line and exit 1, before any VM starts. The VM gets no byte of the tarball itself: the check
+writes a re-pack of exactly the members it checked (CACHE/SHA256.repack.tar, a plain tar every
+tar reads alike), and that is uploaded; the build's record names both sha256s. A created
 tarball is downloaded out of the VM, checked the same way, and published under repos/Rocky8/
 with its sha256 file and an index (NAME-YYYYMMDD.index.json) of its advisories and packages.
 The VM of a --create-patches build is not a release image: its disk is neither published nor

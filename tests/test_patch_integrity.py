@@ -4,6 +4,7 @@ metadata checked with every checksum type createrepo_c writes, a damaged partial
 started over, and `release set-patches` reading size and sha256 from the mirror.
 """
 
+# ruff: noqa: F811  (the fixtures imported from test_patches are parameters here)
 from __future__ import annotations
 
 import gzip
@@ -22,7 +23,7 @@ import pytest
 from osimage import download, patchindex, tarcheck
 from osimage.patchindex import PatchContentError
 from tests.conftest import build_py, git, qemu_pids, tree_snapshot
-from tests.test_patches import (  # noqa: F401  (fixtures)
+from tests.test_patches import (  # noqa: F401  (fixtures among them)
     ADVISORIES,
     RangeServer,
     cache_env,
@@ -157,7 +158,7 @@ def check_repo(path: Path) -> patchindex.PatchSet:
 
 @pytest.mark.parametrize("checksum", ["md5", "sha", "sha1", "sha224", "sha256", "sha384",
                                       "sha512"])
-def test_every_createrepo_checksum_type_compared(tmp_path: Path, rpms: Path,  # noqa: F811
+def test_every_createrepo_checksum_type_compared(tmp_path: Path, rpms: Path,
                                                  checksum: str) -> None:
     good = check_repo(repo_tarball(tmp_path, rpms, checksum, None))
     assert len(good.packages) == 2
@@ -167,20 +168,20 @@ def test_every_createrepo_checksum_type_compared(tmp_path: Path, rpms: Path,  # 
 
 
 @pytest.mark.parametrize("tamper", ["symlink", "hardlink"])
-def test_package_that_is_a_link_refused(tmp_path: Path, rpms: Path,  # noqa: F811
+def test_package_that_is_a_link_refused(tmp_path: Path, rpms: Path,
                                         tamper: str) -> None:
     with pytest.raises(PatchContentError, match=rf"osimage-test-a-1\.0-1\.el8\.noarch\.rpm is "
                        rf"a {tamper}, not a file"):
         check_repo(repo_tarball(tmp_path, rpms, "sha256", tamper))
 
 
-def test_every_file_repomd_names_is_checked(tmp_path: Path, rpms: Path) -> None:  # noqa: F811
+def test_every_file_repomd_names_is_checked(tmp_path: Path, rpms: Path) -> None:
     with pytest.raises(PatchContentError, match=r"filelists\.xml\.gz: sha256 .*, "
                        r"repodata/repomd\.xml says"):
         check_repo(repo_tarball(tmp_path, rpms, "sha256", "filelists"))
 
 
-# --- a damaged partial download --------------------------------------------------------------------
+# --- a damaged partial download -------------------------------------------------------------
 
 
 @pytest.fixture
@@ -222,16 +223,15 @@ def test_a_wrong_file_downloaded_whole_blames_the_mirror_once(
     wanted = hashlib.sha256(b"the file the release names").hexdigest()
     (cache / f"{wanted}.part").write_bytes(data[:1000])
     said: list[str] = []
-    with RangeServer(tmp_path / "m") as server:
-        with pytest.raises(download.DownloadError) as err:
-            download.fetch(download.Source(server.url), "repos/p.tar", wanted, None, cache,
-                           said.append)
+    with RangeServer(tmp_path / "m") as server, pytest.raises(download.DownloadError) as err:
+        download.fetch(download.Source(server.url), "repos/p.tar", wanted, None, cache,
+                       said.append)
     assert "downloaded whole from the mirror" in str(err.value)
     assert len(said) == 1 and "was damaged" in said[0]
     assert [r for _, r in server.requests] == ["bytes=1000-", None]  # one restart, no more
 
 
-# --- release set-patches ---------------------------------------------------------------------------
+# --- release set-patches --------------------------------------------------------------------
 
 
 def published(repo: Path, tmp_path: Path) -> tuple[str, str, int]:
@@ -302,8 +302,8 @@ def test_set_patches_refuses_a_mismatch(repo: Path, tmp_path: Path) -> None:
                                                              "size": size}
 
 
-def test_set_patches_over_http(repo: Path, tmp_path: Path, mirror_http: str) -> None:  # noqa: F811
-    path, sha, size = published(repo, tmp_path)
+def test_set_patches_over_http(repo: Path, tmp_path: Path, mirror_http: str) -> None:
+    path, sha, _ = published(repo, tmp_path)
     proc = build_py(repo, "release", "set-patches", "8.3", path, "--mirror-url", mirror_http)
     assert proc.returncode == 0, proc.stderr
     assert manifest(repo)["releases"]["8.3"]["patches"]["sha256"] == sha

@@ -368,8 +368,8 @@ def test_accepted_archives_list_and_unpack_alike(tmp_path: Path, maker: str) -> 
         subprocess.run(["tar", "--format=ustar", "-C", str(src), "-cf", str(out),
                         "advisories.txt", "files"], check=True)
     elif maker.startswith("bsdtar"):
-        fmt = ["--format=pax"] if maker == "bsdtar-pax" else []
-        subprocess.run(["bsdtar", *fmt, "--no-xattrs", "-C", str(src), "-cf", str(out),
+        pax_opt = ["--format=pax"] if maker == "bsdtar-pax" else []
+        subprocess.run(["bsdtar", *pax_opt, "--no-xattrs", "-C", str(src), "-cf", str(out),
                         "advisories.txt", "files"], check=True)
     elif maker.startswith("python"):
         fmt = tarfile.PAX_FORMAT if maker == "python-pax" else tarfile.GNU_FORMAT
