@@ -289,7 +289,8 @@ def step_collect(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     got = created_path(ctx)
     if not got.is_file() or got.stat().st_size == 0:
         raise PatchRefused(f"the create step left no tarball at {spec['output']} in the VM")
-    contents = tarcheck.inspect(got, keep=patchindex.keep, digest=patchindex.digest)
+    contents = tarcheck.inspect(got, keep=patchindex.keep, digest=patchindex.digest,
+                                limits=limits_for(ctx.image))
     patch_set = _checked(f"the created tarball ({got})", contents, got)
     # The VM's disk holds the downloaded packages: it is no release image, drop it now.
     shutil.rmtree(ctx.output_dir, ignore_errors=True)

@@ -322,6 +322,16 @@ def inspect(path: Path, *, keep: Callable[[str], bool] = lambda _: False,
     digest (of `algorithm`) of those `digest` names computed; with repack_to, the checked
     members are written there (removed again when the archive is refused). Never raises for
     a bad archive: the reason is in .problem, and .sha256 covers the whole file either way."""
+    try:
+        return _inspect(path, keep, digest, algorithm, limits, repack_to)
+    except BaseException:  # Ctrl-C: no half-written re-pack is left behind
+        if repack_to is not None:
+            repack_to.unlink(missing_ok=True)
+        raise
+
+
+def _inspect(path: Path, keep: Callable[[str], bool], digest: Callable[[str], bool],
+             algorithm: str, limits: Limits, repack_to: Path | None) -> Contents:
     out = Contents(compression=_sniff(path))
     hasher = hashlib.sha256()
     with contextlib.ExitStack() as stack:
