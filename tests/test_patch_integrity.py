@@ -40,14 +40,14 @@ TARBALL = "repos/Rocky8/smoke-patches-9.tar.gz"
 def refused_before_any_vm(repo: Path, env: dict[str, str], release: str) -> str:
     """Build with --release: exit 1, one error line, no VM, nothing published; the line."""
     before = tree_snapshot(repo)
-    qemu_before = qemu_pids()
+    qemu_before = qemu_pids(repo)
     proc = build_py(repo, "smoke", "--release", release, env=env)
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "==> packer build" not in proc.stderr and "prepare source" not in proc.stderr
-    assert qemu_pids() <= qemu_before
+    assert qemu_pids(repo) <= qemu_before
     after = tree_snapshot(repo)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert not {c for c in changed if not c.startswith("build/")}, changed

@@ -567,7 +567,7 @@ def test_bad_tarball_refused_before_any_vm(repo: Path, tmp_path: Path, mirror_ht
         sha = hashlib.sha256(target.read_bytes()).hexdigest()
     write_release(repo, "6.1", {"path": "repos/Rocky8/smoke-patches-2.tar.gz", "sha256": sha})
     before = tree_snapshot(repo)
-    qemu_before = qemu_pids()
+    qemu_before = qemu_pids(repo)
     proc = build_py(repo, "smoke", "--release", "6.1", env=cache_env)
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -576,7 +576,7 @@ def test_bad_tarball_refused_before_any_vm(repo: Path, tmp_path: Path, mirror_ht
                 "unsafe": "refused: member '../../root/.ssh/authorized_keys' has a '..'"}[bad]
     assert expected in errors[0] and "smoke-patches-2.tar.gz" in errors[0]
     assert "==> packer build" not in proc.stderr and "prepare source" not in proc.stderr
-    assert qemu_pids() <= qemu_before
+    assert qemu_pids(repo) <= qemu_before
     after = tree_snapshot(repo)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert not {c for c in changed if not c.startswith("build/")}, changed  # nothing published
