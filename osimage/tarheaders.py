@@ -194,6 +194,9 @@ class Reader:
                 fields.linkname = long_link
             if pax is not None:
                 _apply_pax(fields, pax, at)
+            if fields.linkname and fields.kind not in ("symlink", "hardlink"):
+                raise Refused(f"{fields.kind} {fields.name!r} has a link target "
+                              f"{fields.linkname!r} (busybox makes it a hard link)")
             if fields.kind != "file" and fields.size:
                 raise Refused(f"{fields.kind} {fields.name!r} has {fields.size} bytes of data "
                               "(some tars skip them, others read them as headers)")
@@ -232,7 +235,7 @@ def _fields(block: bytes, at: int) -> Header:
         gid=_octal(block[116:124], "the gid", at, empty_ok=True),
         size=_octal(block[124:136], "the size", at),
         mtime=_octal(block[136:148], "the mtime", at, empty_ok=True),
-        linkname=_text(_nts(block[157:257]), "the link target", at) if flag in b"12" else "",
+        linkname=_text(_nts(block[157:257]), "the link target", at),
         offset=at)
 
 
@@ -298,8 +301,6 @@ def _apply_pax(h: Header, pax: dict[str, str], at: int) -> None:
     if "path" in pax:
         h.name = pax["path"]
     if "linkpath" in pax:
-        if h.kind not in ("symlink", "hardlink"):
-            raise Refused(f"PAX header at byte {at}: a linkpath for the {h.kind} {h.name!r}")
         h.linkname = pax["linkpath"]
     # busybox reads the header's numbers: a PAX value that differs is read differently
     for key, value in (("size", h.size), ("uid", h.uid), ("gid", h.gid)):

@@ -251,6 +251,8 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
     "pax-xattr-capability": (
         lambda: ADV + pax({"SCHILY.xattr.security.capability": "x"}) + member("f", b"x") + END,
         "extended attributes"),
+    "file-with-link-target": (lambda: ADV + header("f", linkname="advisories.txt") + END,
+                              "busybox makes it a hard link"),
     "pax-sparse": (lambda: ADV + pax({"GNU.sparse.size": "10"}) + member("f", b"x") + END,
                    "sparse"),
     "pax-global-path": (lambda: ADV + pax({"path": "etc/passwd"}, flag=b"g") + member("f", b"x")
@@ -415,6 +417,57 @@ def test_generated_archives(tmp_path: Path, members: list[tuple[str, str, str, i
             body = f"{name}\n".encode() if kind == "file" else b""
             info.size = len(body)
             tar.addfile(info, io.BytesIO(body))
+    contents = tarcheck.inspect(path, repack_to=work / "r.tar")
+    if contents.problem is None:
+        check_accepted(path, work)
+    else:
+        assert "\n" not in contents.problem
+    shutil.rmtree(work)
+
+
+# --- generated headers, byte by byte ------------------------------------------------------------
+
+PIECE_NAMES = st.sampled_from(["a", "b", "a/b", "./a", "a/", "d/e/f", "..", "c" * 120, "é"])
+PAX_KEYS = st.sampled_from(["path", "linkpath", "size", "uid", "mtime", "comment", "hdrcharset",
+                            "SCHILY.xattr.user.x", "GNU.sparse.size", "atime"])
+
+
+@st.composite
+def raw_member(draw: st.DrawFn) -> bytes:
+    """One member as hostile writers make it: optional PAX or GNU long-name headers, then a
+    header with any type, magic, prefix and size field, then its data."""
+    out = b""
+    name = draw(PIECE_NAMES)
+    body = draw(st.sampled_from([b"", b"x", header("su", mode=0o4755)]))
+    ext = draw(st.sampled_from(["none", "pax", "pax-global", "L", "K", "LK"]))
+    if ext.startswith("pax"):
+        records = {k: draw(st.sampled_from([name, "0", str(len(body)), "1024", "b"]))
+                   for k in draw(st.lists(PAX_KEYS, max_size=3, unique=True))}
+        out += pax(records, flag=b"g" if ext == "pax-global" else b"x")
+    for flag in ext if ext in ("L", "K", "LK") else "":
+        long = draw(PIECE_NAMES).encode() + b"\x00"
+        out += header("././@LongLink", size=len(long), flag=flag.encode()) + data(long)
+    flag = draw(st.sampled_from([b"0", b"\x00", b"1", b"2", b"5", b"7", b"S", b"x"]))
+    magic = draw(st.sampled_from([b"ustar\x0000", b"ustar  \x00", bytes(8)]))
+    prefix = draw(st.sampled_from([b"", b"p"]))
+    size = len(body) if flag in (b"0", b"\x00", b"7") else draw(st.sampled_from([0, len(body)]))
+    size_field = draw(st.sampled_from([None, None, b"%011o " % size, b" %010o\x00" % size]))
+    out += header(name, size=size, mode=draw(st.sampled_from([0o644, 0o755, 0o4755])),
+                  flag=flag, linkname=draw(PIECE_NAMES) if flag in (b"1", b"2") else b"",
+                  magic=magic, prefix=prefix, size_field=size_field)
+    return out + data(body)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(members=st.lists(raw_member(), min_size=1, max_size=4),
+       end=st.sampled_from([END, END + bytes(BLOCK * 18), bytes(BLOCK) + END[:BLOCK] + ADV]))
+def test_generated_headers(tmp_path: Path, members: list[bytes], end: bytes) -> None:
+    """Whatever the check accepts of hand-made headers, the three tars list alike."""
+    _need_tars()
+    work = tmp_path / f"raw-{os.urandom(4).hex()}"
+    work.mkdir()
+    path = write(work, ADV + b"".join(members) + end)
     contents = tarcheck.inspect(path, repack_to=work / "r.tar")
     if contents.problem is None:
         check_accepted(path, work)
