@@ -444,9 +444,9 @@ def raw_member(draw: st.DrawFn) -> bytes:
         records = {k: draw(st.sampled_from([name, "0", str(len(body)), "1024", "b"]))
                    for k in draw(st.lists(PAX_KEYS, max_size=3, unique=True))}
         out += pax(records, flag=b"g" if ext == "pax-global" else b"x")
-    for flag in ext if ext in ("L", "K", "LK") else "":
+    for long_flag in ext if ext in ("L", "K", "LK") else "":
         long = draw(PIECE_NAMES).encode() + b"\x00"
-        out += header("././@LongLink", size=len(long), flag=flag.encode()) + data(long)
+        out += header("././@LongLink", size=len(long), flag=long_flag.encode()) + data(long)
     flag = draw(st.sampled_from([b"0", b"\x00", b"1", b"2", b"5", b"7", b"S", b"x"]))
     magic = draw(st.sampled_from([b"ustar\x0000", b"ustar  \x00", bytes(8)]))
     prefix = draw(st.sampled_from([b"", b"p"]))
