@@ -36,11 +36,19 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO
 
 from osimage.errors import BuildError
 from osimage.runner import check_interrupted
-from osimage.tarheaders import BLOCK, USTAR_MAX_SIZE, Header, Reader, Refused, Truncated
+from osimage.tarheaders import (
+    BLOCK,
+    USTAR_MAX_SIZE,
+    Header,
+    Readable,
+    Reader,
+    Refused,
+    Truncated,
+)
 
 CHUNK = 1 << 20
 MAX_TRAILING_BYTES = 1 << 20  # zeros after the end-of-archive marker (tar pads to its record)
@@ -101,14 +109,10 @@ class Contents:
     repack_size: int = 0
 
 
-class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
-
-
 class _Tap:
     """A reader that counts and hashes what passes through it."""
 
-    def __init__(self, inner: _Readable, hasher: hashlib._Hash) -> None:
+    def __init__(self, inner: Readable, hasher: hashlib._Hash) -> None:
         self.inner = inner
         self.hasher = hasher
         self.pos = 0
@@ -140,7 +144,7 @@ def _sniff(path: Path) -> str:
     return "none"
 
 
-def _decompressor(raw: _Tap, kind: str) -> _Readable:
+def _decompressor(raw: _Tap, kind: str) -> Readable:
     fileobj: IO[bytes] = raw  # type: ignore[assignment]  # only read() is used
     if kind == "gzip":
         return gzip.GzipFile(fileobj=fileobj, mode="rb")
@@ -176,21 +180,21 @@ def _canonical(name: str, is_dir: bool) -> str | None:
     return n
 
 
-def _text_problem(what: str, value: str, limits: Limits) -> str | None:
-    if len(value.encode()) > limits.max_name_length:
-        return f"{what} longer than {limits.max_name_length} bytes"
-    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
-        return f"{what} has a control character"
-    return None
+def _too_long(value: str, limits: Limits) -> bool:
+    return len(value.encode()) > limits.max_name_length
+
+
+def _has_control(value: str) -> bool:
+    return any(ord(c) < 0x20 or c == "\x7f" for c in value)
 
 
 def _member(h: Header, seen: dict[str, Member], limits: Limits) -> Member | str:
     """The checked member, or why it is refused."""
     shown = repr(h.name)
-    problem = _text_problem(f"member {shown}: its name", h.name, limits)
-    if problem is not None:
-        return (f"member name longer than {limits.max_name_length} characters"
-                if "longer" in problem else f"member {shown} has a control character in its name")
+    if _too_long(h.name, limits):
+        return f"member name longer than {limits.max_name_length} bytes"
+    if _has_control(h.name):
+        return f"member {shown} has a control character in its name"
     if h.name.startswith("/"):
         return f"member {shown} has an absolute path"
     if normalise(h.name) is None:
@@ -214,9 +218,10 @@ def _member(h: Header, seen: dict[str, Member], limits: Limits) -> Member | str:
         return f"member {shown} is {h.size} bytes, more than {limits.max_member_bytes}"
     linkname = h.linkname
     if h.kind in ("symlink", "hardlink"):
-        problem = _text_problem(f"link {shown}: its target", linkname, limits)
-        if problem is not None:
-            return problem
+        if _too_long(linkname, limits):
+            return f"link {shown}: its target is longer than {limits.max_name_length} bytes"
+        if _has_control(linkname):
+            return f"link {shown}: its target has a control character"
     if h.kind == "symlink":
         if not linkname:
             return f"symlink {shown} has an empty target"

@@ -50,7 +50,7 @@ class Truncated(Exception):
     """The tar stream ends early (its compression may be whole)."""
 
 
-class _Readable(Protocol):
+class Readable(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
 
 
@@ -94,7 +94,7 @@ def _text(raw: bytes, what: str, at: int) -> str:
 class Reader:
     """Headers and data of a tar stream, read in order; `offset` counts the bytes read."""
 
-    def __init__(self, src: _Readable) -> None:
+    def __init__(self, src: Readable) -> None:
         self.src = src
         self.offset = 0
         self.header_bytes = 0  # a stream of empty members or extension headers is a bomb too
