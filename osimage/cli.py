@@ -153,6 +153,7 @@ def release_group() -> None:
     Examples:
       ./build.py release record 2.4.0          latest clean build of every image
       ./build.py release set 2.4.0 smoke --version gabc1234567
+      ./build.py release set-patches 2.4.0 repos/Rocky8/rocky8-patches-20261126.tar.gz
       ./build.py release verify 2.4.0          every file on the mirror, size and sha256
       ./build.py release diff 2.3.0 2.4.0
     """
@@ -215,6 +216,26 @@ def release_set_cmd(name: str, image: str, version: str | None, commit: str | No
     rel = release.set_image(root, name, image, entry, force, reader, _reporter().info)
     click.echo(release.show_release(rel))
     click.echo(f"set {image} {entry.version} in release {name} of {release.MANIFEST}")
+
+
+@release_group.command("set-patches")
+@click.argument("name", metavar="RELEASE")
+@click.argument("path", metavar="PATH")
+@click.option("--sha256", metavar="HEX", help="The sha256 the tarball must have.")
+@click.option("--force", is_flag=True, help="Replace the patch tarball RELEASE names.")
+@mirror_url_option
+@site_option
+def release_set_patches_cmd(name: str, path: str, sha256: str | None, force: bool,
+                            mirror_url: str | None, site_file: Path | None) -> None:
+    """Make the published patch tarball at PATH on the mirror RELEASE's patches, with the size
+    and sha256 read from the mirror (they must agree with its .sha256 file and index)."""
+    from osimage import patchrelease, release
+
+    root = project_root()
+    reader = release.open_reader(root, site_file, mirror_url)
+    rel = patchrelease.set_patches(root, name, path, sha256, force, reader, _reporter().info)
+    click.echo(release.show_release(rel))
+    click.echo(f"set the patches of release {name} in {release.MANIFEST}")
 
 
 @release_group.command("verify")

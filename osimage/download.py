@@ -4,7 +4,11 @@ A file is written to CACHE/SHA256.part while its sha256 is computed from the sam
 broken transfer is resumed with an HTTP Range request (after the bytes already in .part are
 hashed once), a few times within one call and again by the next build. Only a file whose size
 and sha256 are right is renamed to CACHE/SHA256, so a file in the cache is always one that was
-verified when it arrived. The cache is ~/.cache/osimage/patches/ ($XDG_CACHE_HOME honoured):
+verified when it arrived. A resumed file whose sha256 is wrong once complete may owe that to
+the bytes kept in .part (a disk error, a killed writer): it is downloaded once more from byte 0,
+and only a file that is wrong when downloaded whole is the mirror's fault.
+
+The cache is ~/.cache/osimage/patches/ ($XDG_CACHE_HOME honoured):
 outside the repository, so every clone and `rm -rf build/` share it, and content-addressed, so
 sharing is safe; a lock per sha256 keeps two builds from writing the same file.
 """
@@ -205,35 +209,54 @@ def fetch(src: Source, path: str, sha256: str, size: int | None, cache: Path,
             part.restart()
         resumed_at = part.size
         before = part.size
-        problem = ""
-        for attempt in range(ATTEMPTS):
-            check_interrupted()
-            if attempt:
-                say(f"    {problem}; resuming at byte {part.size}")
-                time.sleep(RETRY_PAUSE * attempt)
-            try:
-                _transfer(src, path, part, size)
-            except _Broken as e:
-                problem = str(e)
+        for fresh in (False, True):
+            resumed = _download(src, path, part, size, say)
+            digest = part.hasher.hexdigest()
+            if digest == sha256:
+                break
+            if not fresh and resumed:
+                # the bytes kept from an earlier transfer may be the damaged ones, not the
+                # mirror's file: one whole download tells
+                say(f"    {path}: the partial download kept in the cache ({part.path}) was "
+                    f"damaged (sha256 {digest[:16]}... once complete); downloading it again "
+                    "from byte 0")
+                part.restart()
+                resumed_at = before = 0
                 continue
-            break
-        else:
-            raise DownloadError(f"{path}: the download from the {src.describe()} broke off "
-                                f"{ATTEMPTS} times ({problem}); {part.size} bytes are kept in "
-                                f"{part.path} and the next build resumes there")
-        digest = part.hasher.hexdigest()
-        if size is not None and part.size != size:
             part.restart()
-            raise DownloadError(f"{path}: the {src.describe()} has {part.size} bytes, the "
-                                f"release says {size}: truncated or replaced; refused")
-        if digest != sha256:
-            part.restart()
-            raise DownloadError(f"{path}: sha256 {digest[:16]}... downloaded from the "
+            raise DownloadError(f"{path}: sha256 {digest[:16]}... downloaded whole from the "
                                 f"{src.describe()}, the release says {sha256[:16]}...; refused")
         with part.path.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(part.path, final)
     return Fetched(final, max(0, part.size - before), resumed_at, time.monotonic() - t0)
+
+
+def _download(src: Source, path: str, part: _Part, size: int | None,
+              say: Callable[[str], None]) -> bool:
+    """Complete part from the mirror, resuming a broken transfer a few times; whether any of
+    its bytes came from before a resume (an earlier build's or an earlier attempt's)."""
+    resumed = False
+    problem = ""
+    for attempt in range(ATTEMPTS):
+        check_interrupted()
+        if attempt:
+            say(f"    {problem}; resuming at byte {part.size}")
+            time.sleep(RETRY_PAUSE * attempt)
+        resumed = resumed or part.size > 0
+        try:
+            _transfer(src, path, part, size)
+        except _Broken as e:
+            problem = str(e)
+            continue
+        if size is not None and part.size != size:
+            part.restart()
+            raise DownloadError(f"{path}: the {src.describe()} has {part.size} bytes, the "
+                                f"release says {size}: truncated or replaced; refused")
+        return resumed
+    raise DownloadError(f"{path}: the download from the {src.describe()} broke off "
+                        f"{ATTEMPTS} times ({problem}); {part.size} bytes are kept in "
+                        f"{part.path} and the next build resumes there")
 
 
 def _transfer(src: Source, path: str, part: _Part, size: int | None) -> None:

@@ -5,8 +5,9 @@ An image declares both steps in its image.yaml (paths relative to the image fold
 
     patches:
       apply:                         # runs FIRST in a --release build, so later steps see a
-        script: patches/apply.sh     #   patched system; gets OSIMAGE_PATCHES (the tarball in
-        destination: /tmp/p.tar.gz   #   the VM), OSIMAGE_PATCHES_NAME, OSIMAGE_PATCHES_SHA256
+        script: patches/apply.sh     #   patched system; gets OSIMAGE_PATCHES (the re-pack in
+        destination: /tmp/p.tar      #   the VM), OSIMAGE_PATCHES_NAME, OSIMAGE_PATCHES_SHA256
+                                     #   (the release's tarball), OSIMAGE_PATCHES_REPACK_SHA256
       create:                        # runs LAST in a --create-patches build (or before the
         script: patches/create.sh    #   provisioner `before` names); leaves the tarball at
         output: /var/tmp/patches.tar.gz  # output (also in OSIMAGE_PATCHES_OUTPUT)
@@ -15,8 +16,11 @@ An image declares both steps in its image.yaml (paths relative to the image fold
 
 An image without `patches.create` refuses --create-patches (exit 2). A release tarball is fetched
 into the cache (osimage/download.py), and its sha256 and its safety (osimage/tarcheck.py) and
-consistency (osimage/patchindex.py) are checked before anything else of the build happens; a
-refused tarball ends the build with one line and exit 1, before any VM starts. A created
+consistency (osimage/patchindex.py) are checked before anything else of the build happens, its
+members adding up to half the image's disk_size at most; a refused tarball ends the build with
+one line and exit 1, before any VM starts. The VM gets no byte of the tarball itself: the check
+writes a re-pack of exactly the members it checked (CACHE/SHA256.repack.tar, a plain tar every
+tar reads alike), and that is uploaded; the build's record names both sha256s. A created
 tarball is downloaded out of the VM, checked the same way, and published under repos/Rocky8/
 with its sha256 file and an index (NAME-YYYYMMDD.index.json) of its advisories and packages.
 The VM of a --create-patches build is not a release image: its disk is neither published nor
@@ -56,12 +60,14 @@ class AppliedPatches:
     """The release's patch tarball, verified, and where its local copy is."""
 
     name: str
-    sha256: str
+    sha256: str  # the release's tarball
     mirror_path: str
-    path: Path
+    path: Path  # the re-pack of its checked members, which the VM gets
+    repacked_sha256: str
 
     def record(self) -> dict[str, str]:
-        return {"name": self.name, "sha256": self.sha256}
+        return {"name": self.name, "sha256": self.sha256,
+                "repacked_sha256": self.repacked_sha256}
 
 
 def cache_dir() -> Path:
@@ -141,17 +147,26 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     for attempt in range(2):
         fetched = download.fetch(source, patches.path, patches.sha256, patches.size,
                                  cache_dir(), ctx.reporter.info)
+        repack = _repack_path(patches.sha256)
         contents = tarcheck.inspect(fetched.path, keep=patchindex.keep,
-                                    digest=patchindex.digest)
+                                    digest=patchindex.digest, limits=limits_for(ctx.image),
+                                    repack_to=repack)
         if contents.sha256 == patches.sha256:
             break
         # A file in the cache was verified when it arrived: this one was changed since.
         fetched.path.unlink(missing_ok=True)
+        repack.unlink(missing_ok=True)
         if attempt:
             raise PatchRefused(f"{patches.path}: sha256 {contents.sha256[:16]}... after "
                                f"download, the release says {patches.sha256[:16]}...; refused")
         ctx.reporter.warn(f"the cached copy of {name} was damaged; downloading it again")
-    patch_set = _checked(patches.path, contents)
+    try:
+        patch_set = _checked(patches.path, contents, fetched.path)
+    except PatchRefused:
+        repack.unlink(missing_ok=True)
+        raise
+    kept = cache_dir() / f"{patches.sha256}.repack.tar"
+    os.replace(repack, kept)
     if fetched.from_cache:
         ctx.reporter.info(f"    {name}: in the cache ({fetched.path})")
     else:
@@ -159,9 +174,26 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         ctx.reporter.info(f"    {name}: downloaded {_mib(fetched.downloaded)} from "
                           f"{source.describe()} in {fetched.seconds:.1f} s{resumed}")
     ctx.reporter.info(f"    {name}: sha256 {contents.sha256} ok; a safe archive of "
-                      f"{contents.members} members; {_summary(patch_set)}")
+                      f"{contents.members} members ({_mib(contents.total_bytes)}); "
+                      f"{_summary(patch_set)}")
+    ctx.reporter.info(f"    {name}: the VM gets a re-pack of exactly those members, sha256 "
+                      f"{contents.repack_sha256}")
     ctx.patches = AppliedPatches(name=name, sha256=patches.sha256, mirror_path=patches.path,
-                                 path=fetched.path)
+                                 path=kept, repacked_sha256=contents.repack_sha256)
+
+
+def limits_for(image: config.Image) -> tarcheck.Limits:
+    """The tarball and what it unpacks to must both fit on the image's disk."""
+    from osimage.libvirt_backend import parse_size
+
+    size = str(image.data["disk_size"])
+    return tarcheck.Limits().for_disk(parse_size(size), f"half the image's disk_size {size}")
+
+
+def _repack_path(sha256: str) -> Path:
+    """The re-pack of a tarball is a function of its bytes, kept beside it in the cache; it is
+    written under a name of this process's own and renamed once the whole check passed."""
+    return cache_dir() / f"{sha256}.repack.{os.getpid()}.tar"
 
 
 def _source(ctx: BuildContext) -> download.Source:
@@ -170,11 +202,16 @@ def _source(ctx: BuildContext) -> download.Source:
     return download.source_for(ctx.site.data, ctx.root, shown)
 
 
-def _checked(shown: str, contents: tarcheck.Contents) -> patchindex.PatchSet:
+def _checked(shown: str, contents: tarcheck.Contents, path: Path) -> patchindex.PatchSet:
     if contents.problem is not None:
         raise PatchRefused(f"{shown}: refused: {contents.problem}")
+
+    def digests(algorithm: str) -> dict[str, str]:
+        again = tarcheck.inspect(path, digest=patchindex.digest, algorithm=algorithm)
+        return again.digests
+
     try:
-        return patchindex.read(contents)
+        return patchindex.read(contents, digests)
     except patchindex.PatchContentError as e:
         raise PatchRefused(f"{shown}: refused: {e}") from None
 
@@ -215,7 +252,8 @@ def provisioners(ctx: BuildContext, provs: list[dict[str, Any]],
         dest = apply.get("destination", DEFAULT_DESTINATION)
         merged = {**env, **apply.get("environment", {}), "OSIMAGE_PATCHES": dest,
                   "OSIMAGE_PATCHES_NAME": ctx.patches.name,
-                  "OSIMAGE_PATCHES_SHA256": ctx.patches.sha256}
+                  "OSIMAGE_PATCHES_SHA256": ctx.patches.sha256,
+                  "OSIMAGE_PATCHES_REPACK_SHA256": ctx.patches.repacked_sha256}
         return [{"name": "patches-upload", "type": "file", "source": str(ctx.patches.path),
                  "destination": dest},
                 {"name": "patches-apply", "type": "shell",
@@ -251,8 +289,9 @@ def step_collect(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     got = created_path(ctx)
     if not got.is_file() or got.stat().st_size == 0:
         raise PatchRefused(f"the create step left no tarball at {spec['output']} in the VM")
-    contents = tarcheck.inspect(got, keep=patchindex.keep, digest=patchindex.digest)
-    patch_set = _checked(f"the created tarball ({got})", contents)
+    contents = tarcheck.inspect(got, keep=patchindex.keep, digest=patchindex.digest,
+                                limits=limits_for(ctx.image))
+    patch_set = _checked(f"the created tarball ({got})", contents, got)
     # The VM's disk holds the downloaded packages: it is no release image, drop it now.
     shutil.rmtree(ctx.output_dir, ignore_errors=True)
     name = _publish_name(ctx, spec.get("name", f"{ctx.image.name}-patches"),

@@ -8,17 +8,17 @@ A patch tarball carries, at its top level:
     *.rpm                 the packages
 
 (the smoke image's tarballs hold files/ for busybox instead of RPMs and repodata). When there is
-repository metadata it must describe the tarball exactly: repomd.xml's primary file is there
-with its sha256, and every package it lists is there with its sha256, so what dnf will install
-in the VM is what the host checked. The index published beside a tarball lists its advisories
-and its packages.
+repository metadata it must describe the tarball exactly: every file repomd.xml names is there
+with its checksum, and every package primary.xml lists is there with its checksum (of any type
+createrepo_c writes: md5, sha1 (`sha`), sha224, sha256, sha384, sha512), each a plain file,
+not a link, so what dnf will install in the VM is what the host checked. The index published
+beside a tarball lists its advisories and its packages.
 """
 
 from __future__ import annotations
 
 import bz2
 import gzip
-import hashlib
 import io
 import lzma
 import posixpath
@@ -35,6 +35,10 @@ REPOMD = "repodata/repomd.xml"
 MAX_METADATA_BYTES = 512 << 20  # primary.xml once decompressed
 _REPO = "{http://linux.duke.edu/metadata/repo}"
 _COMMON = "{http://linux.duke.edu/metadata/common}"
+# createrepo_c --checksum: its names, and hashlib's
+CHECKSUM_TYPES = {"md5": "md5", "sha": "sha1", "sha1": "sha1", "sha224": "sha224",
+                  "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
+Rehash = Callable[[str], dict[str, str]]  # algorithm -> {member: digest} of the digest() members
 _ADVISORY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*[-:][A-Za-z0-9._:-]+$")
 
 
@@ -80,16 +84,33 @@ def keep(name: str) -> bool:
 
 def digest(name: str) -> bool:
     """The members whose sha256 is computed during the pass (checked against repodata)."""
-    return name.endswith(".rpm")
+    return name.endswith(".rpm") or name.startswith("repodata/")
 
 
-def read(contents: Contents) -> PatchSet:
+class _Digests:
+    """The members' digests: sha256 from the pass, another type from one more pass (only for
+    a repository made with createrepo_c --checksum other than sha256)."""
+
+    def __init__(self, contents: Contents, rehash: Rehash | None) -> None:
+        self.by_type = {"sha256": contents.digests}
+        self.rehash = rehash
+
+    def get(self, kind: str, name: str) -> str | None:
+        if kind not in self.by_type:
+            if self.rehash is None:
+                raise PatchContentError(f"cannot compute {kind} checksums of {name}")
+            self.by_type[kind] = self.rehash(kind)
+        return self.by_type[kind].get(name)
+
+
+def read(contents: Contents, rehash: Rehash | None = None) -> PatchSet:
     """The advisories and packages of a checked tarball; PatchContentError when they are
-    inconsistent."""
+    inconsistent. rehash(algorithm) gives digests of another type than sha256."""
     advisories = parse_advisories(contents.kept.get(ADVISORIES))
     rpms = sorted(n for n in contents.names if n.endswith(".rpm"))
     if REPOMD in contents.kept:
-        packages = tuple(sorted(p.nevra for p in _repo_packages(contents)))
+        packages = tuple(sorted(p.nevra for p in _repo_packages(contents,
+                                                                 _Digests(contents, rehash))))
     elif rpms or any(n.startswith("repodata/") for n in contents.names):
         raise PatchContentError(f"it has {'RPMs' if rpms else 'repodata/'} but no {REPOMD}")
     else:
@@ -146,28 +167,49 @@ def _decompressed(data: bytes, name: str) -> bytes:
     return out
 
 
-def _checksum(element: ElementTree.Element | None, prefix: str) -> tuple[str, str]:
+def _checksum(element: ElementTree.Element | None, prefix: str, what: str) -> tuple[str, str]:
+    """(hashlib's name of the type, the hex digest) of element's <checksum>."""
     node = element.find(f"{prefix}checksum") if element is not None else None
     if node is None or not node.text:
-        return "", ""
-    return node.get("type", "sha256"), node.text.strip()
+        raise PatchContentError(f"{what} has no checksum")
+    kind = node.get("type", "")
+    if kind not in CHECKSUM_TYPES:
+        raise PatchContentError(f"{what} has a checksum of the unknown type {kind!r} (types: "
+                                f"{', '.join(sorted(CHECKSUM_TYPES))})")
+    return CHECKSUM_TYPES[kind], node.text.strip().lower()
 
 
-def _repo_packages(contents: Contents) -> list[Package]:
+def _compare(contents: Contents, digests: _Digests, node: ElementTree.Element, prefix: str,
+             path: str, says: str) -> None:
+    """The member at path is a plain file whose checksum is the one node gives."""
+    kind_of = contents.kinds.get(path)
+    if kind_of is None:
+        raise PatchContentError(f"{says} names {path}, which is not in the tarball")
+    if kind_of != "file":
+        raise PatchContentError(f"{path} is a {kind_of}, not a file: refused as {says} names "
+                                "it")
+    kind, want = _checksum(node, prefix, f"{says}'s entry for {path}")
+    have = digests.get(kind, path)
+    if have != want:
+        raise PatchContentError(f"{path}: {kind} {str(have)[:12]}..., {says} says "
+                                f"{want[:12]}...")
+
+
+def _repo_packages(contents: Contents, digests: _Digests) -> list[Package]:
     repomd = _xml(contents.kept[REPOMD], REPOMD)
-    primary = next((d for d in repomd.findall(f"{_REPO}data") if d.get("type") == "primary"),
-                   None)
-    location = primary.find(f"{_REPO}location") if primary is not None else None
-    href = normalise(location.get("href", "")) if location is not None else None
-    if primary is None or not href:
+    href = ""
+    for data in repomd.findall(f"{_REPO}data"):
+        location = data.find(f"{_REPO}location")
+        path = normalise(location.get("href", "")) if location is not None else None
+        if not path:
+            raise PatchContentError(f"{REPOMD}: a {data.get('type')} entry without a location")
+        _compare(contents, digests, data, _REPO, path, REPOMD)
+        if data.get("type") == "primary":
+            href = path
+    if not href:
         raise PatchContentError(f"{REPOMD} names no primary metadata")
     if href not in contents.kept:
         raise PatchContentError(f"{REPOMD} names {href}, which is not in the tarball")
-    kind, want = _checksum(primary, _REPO)
-    if kind in hashlib.algorithms_available and want:
-        got = hashlib.new(kind, contents.kept[href]).hexdigest()
-        if got != want:
-            raise PatchContentError(f"{href}: {kind} {got[:12]}..., {REPOMD} says {want[:12]}...")
     root = _xml(_decompressed(contents.kept[href], href), href)
     packages = []
     for node in root.findall(f"{_COMMON}package"):
@@ -182,11 +224,7 @@ def _repo_packages(contents: Contents) -> list[Package]:
                       arch=(node.findtext(f"{_COMMON}arch") or "").strip(), location=path)
         if path not in contents.names:
             raise PatchContentError(f"{href} lists {path}, which is not in the tarball")
-        kind, want = _checksum(node, _COMMON)
-        have = contents.digests.get(path)
-        if kind == "sha256" and have is not None and have != want:
-            raise PatchContentError(f"{path}: sha256 {have[:12]}..., the repository metadata "
-                                    f"says {want[:12]}...")
+        _compare(contents, digests, node, _COMMON, path, "the repository metadata")
         packages.append(pkg)
     listed = {p.location for p in packages}
     extra = sorted(n for n in contents.names if n.endswith(".rpm") and n not in listed)

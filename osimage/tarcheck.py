@@ -1,11 +1,22 @@
-"""Is a tarball safe to hand to a VM? One streamed read, nothing extracted on the host.
+"""Is a tarball safe to hand to a VM? One streamed read, nothing extracted on the host; what
+the VM gets is a re-pack of exactly the members that were checked.
 
 The raw bytes are hashed as they are read, the (gzip, xz, bzip2 or no) compression is undone
-by Python's own readers, and tarfile lists the members in stream mode. A member is refused for
-an absolute name, a '..' component, a link that leaves the archive or goes through another
-link, a device or fifo, a setuid/setgid bit, or sizes beyond the limits. An archive is
-"truncated" when its compressed stream ends early, a member's data is cut short, or the
-end-of-archive marker (two zero blocks) is missing after the last member.
+by Python's own readers, and osimage/tarheaders.py reads the headers strictly: only what GNU
+tar, bsdtar, busybox tar and Python's tarfile read the same way (no sparse members, no PAX
+keys some tars ignore, no PAX size that differs from the header's, no v7 or star headers, no
+data after a lone zero block). A member is then refused for an absolute name, a '..'
+component, a name that is not canonical or comes twice, a device or fifo, a setuid/setgid bit,
+a hard link to anything but an earlier file, a member beneath a symlink or file (wherever that
+comes in the archive), a symlink that leaves the archive when resolved component by component
+through the archive's other symlinks (earlier or later ones), or sizes beyond the limits. An
+archive is "truncated" when its compressed stream ends early, a member's data is cut short, or
+the end-of-archive marker (two zero blocks) is missing after the last member.
+
+With repack_to, the members are also written, as they are read, to a fresh tar (POSIX pax
+format, plain ustar where a name fits): owner root, permissions without setuid, setgid or
+sticky bits, times clamped to what ustar holds, no '.' entry, nothing else. The VM unpacks that
+file, so whatever a tar makes of the original, the VM gets the checked members and only those.
 
 The sha256 of the whole file is always computed to the end, even when the archive is refused,
 so a caller checks the sha256 first: a file that is not the one expected is reported as that,
@@ -15,40 +26,69 @@ not as whatever damage it has.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import lzma
-import posixpath
+import os
 import tarfile
 import zlib
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO
 
 from osimage.errors import BuildError
 from osimage.runner import check_interrupted
+from osimage.tarheaders import (
+    BLOCK,
+    USTAR_MAX_SIZE,
+    Header,
+    Readable,
+    Reader,
+    Refused,
+    Truncated,
+)
 
 CHUNK = 1 << 20
-BLOCK = 512
-END_MARKER = 2 * BLOCK  # a tar archive ends with two zero blocks
-TAIL_KEEP = 256 * 1024  # decompressed bytes kept to look at the end-of-archive marker
+MAX_TRAILING_BYTES = 1 << 20  # zeros after the end-of-archive marker (tar pads to its record)
+MAX_LINK_FOLLOWS = 40  # as the kernel's ELOOP
+RECORD = 20 * BLOCK
+ROOT_MODE = 0o777  # of symlinks in the re-pack
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on what a patch tarball may unpack to (a bomb is refused before it is opened)."""
+    """Bounds on what a patch tarball may unpack to (a bomb is refused as it is read)."""
 
     max_members: int = 100_000
     max_total_bytes: int = 32 << 30  # sum of the members' sizes
-    max_member_bytes: int = 16 << 30
-    max_name_length: int = 1024
+    max_member_bytes: int = USTAR_MAX_SIZE  # what a ustar header holds: 8 GiB - 1
+    max_name_length: int = 1024  # bytes of a name or a link target
     max_kept_bytes: int = 256 << 20  # metadata files read into memory (repodata, advisories)
+    total_because: str = ""  # what max_total_bytes comes from, for the message
+
+    def for_disk(self, disk_bytes: int, because: str) -> Limits:
+        """The limits for a VM whose disk holds disk_bytes: the tarball and what it unpacks to
+        must both fit, so its members may add up to half the disk at most."""
+        if disk_bytes // 2 >= self.max_total_bytes:
+            return self
+        return replace(self, max_total_bytes=disk_bytes // 2, total_because=f" ({because})")
 
 
 class UnsafeArchive(BuildError):
     """The tarball is not a complete, safe tar archive; nothing of it was used."""
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str  # normalised: no './', no trailing '/'; '' is the root
+    kind: str  # file, dir, symlink, hardlink
+    mode: int
+    size: int
+    mtime: int
+    linkname: str  # a hard link's normalised target; a symlink's target as stored
+    shown: str  # the name as stored, for messages
 
 
 @dataclass
@@ -61,48 +101,29 @@ class Contents:
     members: int = 0
     total_bytes: int = 0  # sum of the members' sizes
     names: set[str] = field(default_factory=set)  # normalised names of files and links
+    kinds: dict[str, str] = field(default_factory=dict)  # normalised name: kind, every member
     kept: dict[str, bytes] = field(default_factory=dict)  # bytes of the members asked for
-    digests: dict[str, str] = field(default_factory=dict)  # sha256 of the members asked for
+    digests: dict[str, str] = field(default_factory=dict)  # of the members asked for
     problem: str | None = None  # why the archive is refused, or None
-
-
-class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
+    repack_sha256: str = ""  # of the re-pack written to repack_to, when asked for
+    repack_size: int = 0
 
 
 class _Tap:
-    """A reader that counts (and optionally hashes) what passes through it, and keeps the last
-    TAIL_KEEP bytes with their offset."""
+    """A reader that counts and hashes what passes through it."""
 
-    def __init__(self, inner: _Readable, hasher: hashlib._Hash | None = None,
-                 keep_tail: bool = False) -> None:
+    def __init__(self, inner: Readable, hasher: hashlib._Hash) -> None:
         self.inner = inner
         self.hasher = hasher
         self.pos = 0
         self.mode = "rb"
-        self._keep_tail = keep_tail
-        self._tail: deque[tuple[int, bytes]] = deque()
-        self._tail_bytes = 0
 
     def read(self, n: int = -1, /) -> bytes:
         block = self.inner.read(n)
         if block:
-            if self.hasher is not None:
-                self.hasher.update(block)
-            if self._keep_tail:
-                self._tail.append((self.pos, bytes(block)))
-                self._tail_bytes += len(block)
-                while self._tail_bytes - len(self._tail[0][1]) >= TAIL_KEEP:
-                    self._tail_bytes -= len(self._tail.popleft()[1])
+            self.hasher.update(block)
             self.pos += len(block)
         return block
-
-    def since(self, offset: int) -> bytes | None:
-        """The bytes read from offset on, or None if they are no longer kept."""
-        if not self._tail or self._tail[0][0] > offset:
-            return None if offset < self.pos else b""
-        out = b"".join(b for _, b in self._tail)
-        return out[offset - self._tail[0][0]:]
 
     def drain(self) -> None:
         while self.read(CHUNK):
@@ -123,7 +144,7 @@ def _sniff(path: Path) -> str:
     return "none"
 
 
-def _decompressor(raw: _Tap, kind: str) -> _Readable:
+def _decompressor(raw: _Tap, kind: str) -> Readable:
     fileobj: IO[bytes] = raw  # type: ignore[assignment]  # only read() is used
     if kind == "gzip":
         return gzip.GzipFile(fileobj=fileobj, mode="rb")
@@ -135,7 +156,8 @@ def _decompressor(raw: _Tap, kind: str) -> _Readable:
 
 
 def normalise(name: str) -> str | None:
-    """The member name without './' and '//', or None if it is absolute or has '..'."""
+    """The name without './' and '//', or None if it is absolute or has '..' (for names that
+    metadata inside the archive gives, e.g. repodata's hrefs)."""
     if name.startswith("/"):
         return None
     parts = [p for p in name.split("/") if p not in ("", ".")]
@@ -144,167 +166,296 @@ def normalise(name: str) -> str | None:
     return "/".join(parts)
 
 
-def _member_problem(m: tarfile.TarInfo, name: str, seen: set[str], links: set[str],
-                    limits: Limits) -> str | None:
-    shown = repr(m.name)
-    if len(m.name) > limits.max_name_length:
-        return f"member name longer than {limits.max_name_length} characters"
-    if any(ord(c) < 0x20 or c == "\x7f" for c in m.name):
+def _canonical(name: str, is_dir: bool) -> str | None:
+    """A member's name as every tar extracts it: one leading './' and a directory's trailing
+    '/' are dropped; None when other '.', '..' or empty components make tars differ."""
+    n = "" if name in (".", "./") else name.removeprefix("./")
+    if is_dir:
+        n = n.removesuffix("/")
+    if n == "":
+        return ""
+    parts = n.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    return n
+
+
+def _too_long(value: str, limits: Limits) -> bool:
+    return len(value.encode()) > limits.max_name_length
+
+
+def _has_control(value: str) -> bool:
+    return any(ord(c) < 0x20 or c == "\x7f" for c in value)
+
+
+def _member(h: Header, seen: dict[str, Member], limits: Limits) -> Member | str:
+    """The checked member, or why it is refused."""
+    shown = repr(h.name)
+    if _too_long(h.name, limits):
+        return f"member name longer than {limits.max_name_length} bytes"
+    if _has_control(h.name):
         return f"member {shown} has a control character in its name"
-    if m.name.startswith("/"):
+    if h.name.startswith("/"):
         return f"member {shown} has an absolute path"
-    if normalise(m.name) is None:
+    if normalise(h.name) is None:
         return f"member {shown} has a '..' component"
-    parts = name.split("/")
-    for i in range(1, len(parts)):
-        if "/".join(parts[:i]) in links:
-            return f"member {shown} lies beneath the link {'/'.join(parts[:i])!r}"
-    if m.ischr() or m.isblk():
+    if h.kind in ("char device", "block device"):
         return f"member {shown} is a device"
-    if m.isfifo():
+    if h.kind == "fifo":
         return f"member {shown} is a fifo"
-    if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
-        return f"member {shown} has the unknown type {m.type!r}"
-    if m.mode & 0o6000 and not m.isdir():
+    if h.kind != "dir" and h.name.endswith("/"):
+        return f"{h.kind} {shown} has a name ending in '/' (some tars make it a directory)"
+    name = _canonical(h.name, h.kind == "dir")
+    if name is None:
+        return f"member {shown} has an empty or '.' component (tars normalise it differently)"
+    if name == "" and h.kind != "dir":
+        return f"member {shown} is the archive's root but not a directory"
+    if name in seen:
+        return f"member {shown} comes twice (as {seen[name].shown!r} before)"
+    if h.mode & 0o6000 and h.kind != "dir":
         return f"member {shown} is setuid or setgid"
-    if m.issym():
-        if m.linkname.startswith("/"):
-            return f"symlink {shown} points to the absolute path {m.linkname!r}"
-        target = posixpath.normpath(posixpath.join(posixpath.dirname(name), m.linkname))
-        if target == ".." or target.startswith("../"):
-            return f"symlink {shown} points outside the archive ({m.linkname!r})"
-    if m.islnk():
-        target_name = normalise(m.linkname)
-        if target_name is None:
-            return f"hard link {shown} points outside the archive ({m.linkname!r})"
-        if target_name not in seen:
-            return f"hard link {shown} points to {m.linkname!r}, not an earlier member"
-    if m.size > limits.max_member_bytes:
-        return f"member {shown} is {m.size} bytes, more than {limits.max_member_bytes}"
+    if h.size > limits.max_member_bytes:
+        return f"member {shown} is {h.size} bytes, more than {limits.max_member_bytes}"
+    linkname = h.linkname
+    if h.kind in ("symlink", "hardlink"):
+        if _too_long(linkname, limits):
+            return f"link {shown}: its target is longer than {limits.max_name_length} bytes"
+        if _has_control(linkname):
+            return f"link {shown}: its target has a control character"
+    if h.kind == "symlink":
+        if not linkname:
+            return f"symlink {shown} has an empty target"
+        if linkname.startswith("/"):
+            return f"symlink {shown} points to the absolute path {linkname!r}"
+    if h.kind == "hardlink":
+        target = _canonical(linkname, False) if normalise(linkname) is not None else None
+        if target is None or linkname.startswith("/"):
+            return f"hard link {shown} points outside the archive ({linkname!r})"
+        if seen.get(target) is None or seen[target].kind not in ("file", "hardlink"):
+            return f"hard link {shown} points to {linkname!r}, not an earlier member"
+        linkname = target
+    return Member(name=name, kind=h.kind, mode=h.mode & 0o7777, size=h.size, mtime=h.mtime,
+                  linkname=linkname, shown=h.name)
+
+
+def _resolve(nodes: dict[str, Member], where: list[str], target: str,
+             budget: list[int]) -> list[str] | None:
+    """Where target, followed from the folder `where` as the kernel follows it (component by
+    component, through the archive's symlinks), ends up; None when it leaves the root."""
+    path = list(where)
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not path:
+                return None
+            path.pop()
+            continue
+        path.append(part)
+        node = nodes.get("/".join(path))
+        if node is not None and node.kind == "symlink":
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise RecursionError
+            path.pop()
+            followed = _resolve(nodes, path, node.linkname, budget)
+            if followed is None:
+                return None
+            path = followed
+    return path
+
+
+def _links_problem(members: list[Member]) -> str | None:
+    """The checks that need the whole archive: an extractor makes a member beneath a symlink
+    that came earlier through that link, and one that comes later turns earlier paths into
+    paths through it."""
+    nodes = {m.name: m for m in members}
+    for m in members:
+        parts = m.name.split("/")
+        for i in range(1, len(parts)):
+            above = nodes.get("/".join(parts[:i]))
+            if above is not None and above.kind != "dir":
+                what = "file" if above.kind == "file" else "link"
+                return f"member {m.shown!r} lies beneath the {what} {above.name!r}"
+    for m in members:
+        if m.kind != "symlink":
+            continue
+        try:
+            inside = _resolve(nodes, m.name.split("/")[:-1], m.linkname, [MAX_LINK_FOLLOWS])
+        except RecursionError:
+            return (f"symlink {m.shown!r} goes through more than {MAX_LINK_FOLLOWS} links "
+                    "(a loop)")
+        if inside is None:
+            return f"symlink {m.shown!r} points outside the archive ({m.linkname!r})"
     return None
 
 
+class _Repack:
+    """The re-pack, written as members are read; hashed as it is written."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def header(self, m: Member, mode: int) -> None:
+        info = tarfile.TarInfo(m.name)
+        info.type = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE,
+                     "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}[m.kind]
+        info.mode = ROOT_MODE if m.kind == "symlink" else mode & 0o777
+        info.size = m.size if m.kind == "file" else 0
+        info.mtime = min(max(m.mtime, 0), USTAR_MAX_SIZE)
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.linkname = m.linkname
+        self.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict"))
+
+    def close(self) -> None:
+        self.write(bytes(2 * BLOCK))
+        self.write(bytes(-self.size % RECORD))
+
+
 def inspect(path: Path, *, keep: Callable[[str], bool] = lambda _: False,
-            digest: Callable[[str], bool] = lambda _: False,
-            limits: Limits = Limits()) -> Contents:
+            digest: Callable[[str], bool] = lambda _: False, algorithm: str = "sha256",
+            limits: Limits = Limits(), repack_to: Path | None = None) -> Contents:
     """List path's members in one pass. The bytes of the members `keep` names are kept, the
-    sha256 of those `digest` names computed. Never raises for a bad archive: the reason is in
-    .problem, and .sha256 covers the whole file either way."""
+    digest (of `algorithm`) of those `digest` names computed; with repack_to, the checked
+    members are written there (removed again when the archive is refused). Never raises for
+    a bad archive: the reason is in .problem, and .sha256 covers the whole file either way."""
+    try:
+        return _inspect(path, keep, digest, algorithm, limits, repack_to)
+    except BaseException:  # Ctrl-C: no half-written re-pack is left behind
+        if repack_to is not None:
+            repack_to.unlink(missing_ok=True)
+        raise
+
+
+def _inspect(path: Path, keep: Callable[[str], bool], digest: Callable[[str], bool],
+             algorithm: str, limits: Limits, repack_to: Path | None) -> Contents:
     out = Contents(compression=_sniff(path))
     hasher = hashlib.sha256()
-    with path.open("rb", buffering=CHUNK) as f:
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(path.open("rb", buffering=CHUNK))
         raw = _Tap(f, hasher)
+        repack = None
+        if repack_to is not None:
+            repack = _Repack(stack.enter_context(repack_to.open("wb")))
         try:
             if out.compression == "zstd":
                 out.problem = "zstd compression is not supported (use gzip or xz)"
             else:
-                out.problem = _walk(raw, out, keep, digest, limits)
+                out.problem = _walk(raw, out, keep, digest, algorithm, limits, repack)
         finally:
             raw.drain()
+        if repack is not None and out.problem is None:
+            repack.close()
+            repack.f.flush()
+            os.fsync(repack.f.fileno())
+            out.repack_sha256, out.repack_size = repack.hasher.hexdigest(), repack.size
     out.size = raw.pos
     out.sha256 = hasher.hexdigest()
     if out.size == 0:
         out.problem = "empty file"
+    if out.problem is not None and repack_to is not None:
+        repack_to.unlink(missing_ok=True)
     return out
 
 
-def _walk(raw: _Tap, out: Contents, keep: Callable[[str], bool],
-          digest: Callable[[str], bool], limits: Limits) -> str | None:
-    data = _Tap(_decompressor(raw, out.compression), keep_tail=True)
-    seen: set[str] = set()
-    links: set[str] = set()
+def _walk(raw: _Tap, out: Contents, keep: Callable[[str], bool], digest: Callable[[str], bool],
+          algorithm: str, limits: Limits, repack: _Repack | None) -> str | None:
+    data = _decompressor(raw, out.compression)
+    reader = Reader(data)
+    seen: dict[str, Member] = {}
     kept_bytes = 0
     try:
-        with tarfile.open(fileobj=data, mode="r|") as tar:  # type: ignore[call-overload]
-            for m in tar:
-                check_interrupted()
-                name = normalise(m.name) or ""
-                problem = _member_problem(m, name, seen, links, limits)
+        while (h := reader.next()) is not None:
+            check_interrupted()
+            m = _member(h, seen, limits)
+            if isinstance(m, str):
+                return m
+            out.members += 1
+            if out.members > limits.max_members:
+                return f"more than {limits.max_members} members"
+            out.total_bytes += m.size
+            if out.total_bytes > limits.max_total_bytes:
+                return (f"members add up to more than {limits.max_total_bytes} bytes"
+                        f"{limits.total_because}")
+            seen[m.name] = m
+            out.kinds[m.name] = m.kind
+            if m.kind != "dir":
+                out.names.add(m.name)
+            wanted = m.kind == "file" and keep(m.name)
+            if wanted:
+                kept_bytes += m.size
+                if kept_bytes > limits.max_kept_bytes:
+                    return f"metadata members add up to more than {limits.max_kept_bytes} bytes"
+            if repack is not None and m.name:
+                target = seen.get(m.linkname) if m.kind == "hardlink" else None
+                repack.header(m, target.mode if target is not None else m.mode)
+            if m.kind == "file":
+                problem = _read_member(reader, m, out, wanted,
+                                       digest(m.name), algorithm, repack)
                 if problem is not None:
                     return problem
-                out.members += 1
-                if out.members > limits.max_members:
-                    return f"more than {limits.max_members} members"
-                out.total_bytes += m.size
-                if out.total_bytes > limits.max_total_bytes:
-                    return f"members add up to more than {limits.max_total_bytes} bytes"
-                seen.add(name)
-                if m.issym() or m.islnk():
-                    links.add(name)
-                if not m.isdir():
-                    out.names.add(name)
-                if not m.isreg():
-                    continue
-                wanted, hashed = keep(name), digest(name)
-                if wanted:
-                    kept_bytes += m.size
-                    if kept_bytes > limits.max_kept_bytes:
-                        return f"metadata members add up to more than {limits.max_kept_bytes} bytes"
-                if wanted or hashed:
-                    problem = _read_member(tar, m, name, out, wanted, hashed)
-                    if problem is not None:
-                        return problem
-            end = tar.offset
+        if out.members == 0:
+            return "not a tar archive (no members)"
+        problem = _links_problem(list(seen.values()))
+        if problem is not None:
+            return problem
+        return _check_end(reader)
+    except Refused as e:
+        return str(e)
+    except Truncated as e:
+        return f"truncated: {e}"
     except EOFError:
         return "truncated: the compressed data ends early"
     except (gzip.BadGzipFile, zlib.error, lzma.LZMAError) as e:
         return f"corrupt {out.compression} data ({e})"
-    except tarfile.ReadError as e:
-        if "unexpected end of data" in str(e):
-            return "truncated: a member's data is cut short"
-        if out.members == 0:
-            return f"not a tar archive ({e})"
-        return f"not a valid tar archive ({e})"
-    except tarfile.TarError as e:
-        return f"not a valid tar archive ({e})"
     except OSError as e:  # bz2 reports corrupt data as OSError
         return f"corrupt {out.compression} data ({e})"
-    if out.members == 0:
-        return "not a tar archive (no members)"
-    return _check_end(data, end, out.compression)
 
 
-def _read_member(tar: tarfile.TarFile, m: tarfile.TarInfo, name: str, out: Contents,
-                 wanted: bool, hashed: bool) -> str | None:
-    reader = tar.extractfile(m)
-    assert reader is not None
-    h = hashlib.sha256()
+def _read_member(reader: Reader, m: Member, out: Contents, wanted: bool, hashed: bool,
+                 algorithm: str, repack: _Repack | None) -> str | None:
+    h = hashlib.new(algorithm)
     parts: list[bytes] = []
-    got = 0
-    while block := reader.read(CHUNK):
-        got += len(block)
+    left = m.size
+    while left:
+        block = reader.read(min(CHUNK, left))
+        if not block:
+            raise Truncated("a member's data is cut short")
+        left -= len(block)
         if hashed:
             h.update(block)
         if wanted:
             parts.append(block)
-    if got != m.size:
-        return f"truncated: member {m.name!r} has {got} of its {m.size} bytes"
+        if repack is not None:
+            repack.write(block)
+        check_interrupted()
+    if not reader.skip_padding(m.size):
+        raise Truncated("a member's data is cut short")
+    if repack is not None:
+        repack.write(bytes(-m.size % BLOCK))
     if wanted:
-        out.kept[name] = b"".join(parts)
+        out.kept[m.name] = b"".join(parts)
     if hashed:
-        out.digests[name] = h.hexdigest()
+        out.digests[m.name] = h.hexdigest()
     return None
 
 
-def _check_end(data: _Tap, end: int, compression: str) -> str | None:
-    """After the last member: the two zero blocks that end an archive, then nothing but padding.
-    tarfile stops quietly at a missing or garbled header; this is where that is caught."""
-    marker = data.since(end)
-    if marker is None:
-        return "not a valid tar archive (cannot find the end-of-archive marker)"
-    while len(marker) < END_MARKER:
-        more = data.read(CHUNK)
-        if not more:
-            break
-        marker += more
-    try:
-        data.drain()  # reads the compressed stream to its end: its checksum is checked there
-    except EOFError:
-        return "truncated: the compressed data ends early"
-    except (gzip.BadGzipFile, zlib.error, lzma.LZMAError, OSError) as e:
-        return f"corrupt {compression} data ({e})"
-    if len(marker) < END_MARKER:
-        return "truncated: the archive ends without its end-of-archive marker"
-    if marker[:END_MARKER].count(0) != END_MARKER:
-        return "not a valid tar archive (garbled data where the archive should end)"
+def _check_end(reader: Reader) -> str | None:
+    """After the end-of-archive marker: zeros only (tar pads to its record size), and the
+    compressed stream read to its end, where its checksum is checked."""
+    trailing = 0
+    while block := reader.read(CHUNK):
+        trailing += len(block)
+        if block.strip(b"\x00"):
+            return "not a valid tar archive (garbled data after the end-of-archive marker)"
+        if trailing > MAX_TRAILING_BYTES:
+            return f"more than {MAX_TRAILING_BYTES} bytes after the end-of-archive marker"
     return None

@@ -13,8 +13,9 @@ APT_PACKAGES=(
     # libvirt backend (the Python binding builds from source against it; the plugin makes
     # its OEMDRV kickstart CD with xorriso on the machine that runs Packer)
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc xorriso
-    # patch tarball tests: a real dnf repository (rpmbuild, createrepo_c) checked on the host
-    createrepo-c rpm
+    # patch tarball tests: a real dnf repository (rpmbuild, createrepo_c) checked on the host;
+    # every archive the check accepts lists alike under GNU tar, bsdtar and busybox tar
+    createrepo-c rpm libarchive-tools
     # rocky8-base's playbooks (ansible-playbook); usb-installer: the tests' live ISO (isolinux),
     # the stick's UEFI loader (grub-mkstandalone) and UEFI boots of the stick (ovmf)
     ansible isolinux syslinux-utils grub-efi-amd64-bin grub-common ovmf

@@ -502,16 +502,19 @@ def test_create_patches_then_apply_them_in_a_release_build(
     hcl = (repo / "build" / "smoke" / "5.0" / "smoke.pkr.hcl").read_text()
     assert hcl.index("# patches-upload") < hcl.index("# patches-apply") < hcl.index("# marker")
     entry = json.loads((repo / "images" / "smoke" / "manifest.json").read_text())["builds"][-1]
-    assert entry["custom_data"]["patches"] == {"name": name, "sha256": sha}
+    # the VM got the host's re-pack of the checked members, not the published bytes
+    cache = Path(cache_env["XDG_CACHE_HOME"]) / "osimage" / "patches"
+    repacked = hashlib.sha256((cache / f"{sha}.repack.tar").read_bytes()).hexdigest()
+    assert entry["custom_data"]["patches"] == {"name": name, "sha256": sha,
+                                               "repacked_sha256": repacked}
     assert entry["custom_data"]["release"] == "5.0"
     artifact = repo / "mirror" / "builds" / "smoke" / "5.0" / "smoke.qcow2"
     applied = read_file(artifact, tmp_path, "/patches-applied")
-    assert f"name={name}\nsha256={sha}\n" in applied
+    assert f"name={name}\nsha256={sha}\nrepacked_sha256={repacked}\n" in applied
     assert f"SMOKE-{day[:4]}:0001 Important/Sec. busybox-" in applied
     level = read_file(artifact, tmp_path, "/patches/level")
     assert f"commit={commit}" in level  # the file the create step made, installed by apply
     assert "osimage smoke marker" in read_file(artifact, tmp_path, "/marker")
-    cache = Path(cache_env["XDG_CACHE_HOME"]) / "osimage" / "patches"
     assert (cache / sha).is_file()
     print(f"\ncreate-patches build {create_s:.1f} s, release build with patches {apply_s:.1f} s")
 
@@ -564,7 +567,7 @@ def test_bad_tarball_refused_before_any_vm(repo: Path, tmp_path: Path, mirror_ht
         sha = hashlib.sha256(target.read_bytes()).hexdigest()
     write_release(repo, "6.1", {"path": "repos/Rocky8/smoke-patches-2.tar.gz", "sha256": sha})
     before = tree_snapshot(repo)
-    qemu_before = qemu_pids()
+    qemu_before = qemu_pids(repo)
     proc = build_py(repo, "smoke", "--release", "6.1", env=cache_env)
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -573,7 +576,7 @@ def test_bad_tarball_refused_before_any_vm(repo: Path, tmp_path: Path, mirror_ht
                 "unsafe": "refused: member '../../root/.ssh/authorized_keys' has a '..'"}[bad]
     assert expected in errors[0] and "smoke-patches-2.tar.gz" in errors[0]
     assert "==> packer build" not in proc.stderr and "prepare source" not in proc.stderr
-    assert qemu_pids() <= qemu_before
+    assert qemu_pids(repo) <= qemu_before
     after = tree_snapshot(repo)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert not {c for c in changed if not c.startswith("build/")}, changed  # nothing published

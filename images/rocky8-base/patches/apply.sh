@@ -1,18 +1,20 @@
 #!/bin/bash
 # Applies a security-patch tarball to Rocky 8: runs FIRST in a `./build.py rocky8-base --release X`
-# build, so the image's own steps see a patched system. The tarball (made by patches/create.sh,
-# already checked on the host: sha256, a safe archive, repodata matching its RPMs) holds RPMs,
+# build, so the image's own steps see a patched system. The file it gets is the host's re-pack
+# (a plain tar) of the checked members of the release's tarball (made by patches/create.sh,
+# checked on the host: sha256, a safe archive, repodata matching its RPMs): RPMs,
 # their createrepo_c metadata and advisories.txt. It becomes a local dnf repository and the
 # system is updated from that repository only: no other repository is read, nothing is fetched
 # from the network, and every package must carry Rocky's signature.
 #
 # Environment (set by osimage): OSIMAGE_PATCHES (the tarball in the VM), OSIMAGE_PATCHES_NAME,
-# OSIMAGE_PATCHES_SHA256.
+# OSIMAGE_PATCHES_SHA256 (the release's tarball), OSIMAGE_PATCHES_REPACK_SHA256 (the file here).
 set -euo pipefail
 
 tarball=${OSIMAGE_PATCHES:?}
 name=${OSIMAGE_PATCHES_NAME:?}
 sha256=${OSIMAGE_PATCHES_SHA256:?}
+repack_sha256=${OSIMAGE_PATCHES_REPACK_SHA256:?}
 repo_id=osimage-patches
 repo_dir=/var/lib/osimage/patches/${name%%.tar*}
 repo_file=/etc/yum.repos.d/$repo_id.repo
@@ -20,7 +22,7 @@ repo_file=/etc/yum.repos.d/$repo_id.repo
 gpg_keys=$(find /etc/pki/rpm-gpg -maxdepth 1 -type f -name 'RPM-GPG-KEY-*' -printf 'file://%p ')
 
 # The host checked these bytes; check that the upload delivered the same ones.
-echo "$sha256  $tarball" | sha256sum --check --strict -
+echo "$repack_sha256  $tarball" | sha256sum --check --strict -
 
 rm -rf "$repo_dir"
 install -d -m 0755 "$repo_dir"
@@ -52,7 +54,8 @@ dnf --quiet "${only_patches[@]}" check-update
 
 install -d -m 0755 /etc/osimage
 {
-    printf 'name=%s\nsha256=%s\nadvisories:\n' "$name" "$sha256"
+    printf 'name=%s\nsha256=%s\nrepacked_sha256=%s\nadvisories:\n' "$name" "$sha256" \
+        "$repack_sha256"
     cat "$repo_dir/advisories.txt"
 } > /etc/osimage/patches-applied
 
