@@ -18,6 +18,7 @@ from osimage import release
 from osimage.errors import ConfigError
 from osimage.patches import PATCH_DIR, SUFFIX
 from osimage.release import SHA256, HttpMirror, LocalMirror, MirrorReader, ReleaseError
+from osimage.release_manifest import put
 
 MAX_SIDE_FILE = 1 << 20  # a .sha256 or index.json beside the tarball
 
@@ -111,11 +112,9 @@ def set_patches(root: Path, name: str, path: str, sha256: str | None, force: boo
         _refuse_other(doc, name, path, force)
         releases = doc["releases"]
         if name not in releases:
-            releases[name] = release._commented({"patches": entry, "images": {}})
-        elif releases[name].get("patches") is None:
-            releases[name]["patches"] = release._commented(entry)
-        else:
-            release._assign(releases[name]["patches"], entry)
+            put(releases, name, {"patches": entry, "images": {}})
+        else:  # comments around the release stay where they were
+            put(releases[name], "patches", entry)
 
     release.edit(root, change)
     return release.load(root).get(name)
