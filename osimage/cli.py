@@ -100,7 +100,9 @@ def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Pat
     from osimage.pipeline import BuildOptions, run_build
 
     if accept_new_host_key:
-        os.environ["OSIMAGE_ACCEPT_NEW_HOST_KEY"] = "1"  # the SSH mirror reads it (sshmirror.py)
+        from osimage.sshmirror import trust_new_host_keys
+
+        trust_new_host_keys()
 
     opts = BuildOptions(image=image, release=release, skip_commit=skip_commit,
                         site_file=site_file, keep_failed=keep_failed, publish=not no_publish,
