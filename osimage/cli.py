@@ -306,8 +306,8 @@ def tidy_cmd(images: tuple[str, ...], check: bool) -> None:
 @click.option("--yes", is_flag=True, help="Remove them. Without it, only list them (dry run).")
 @click.option("--uri", metavar="URI", help="Hypervisor (default: libvirt.uri of the site file).")
 @click.option("--prefix", default="packer-", show_default=True,
-              help="Names to look for (the plugin names domains packer-<id>, volumes "
-                   "<domain>-<alias>).")
+              help="Of what osimage builds made (their tag selects), only names starting "
+                   "with this (domains packer-osimage-IMAGE-RUN, volumes <domain>-<alias>).")
 @site_option
 def clean_cmd(older_than: str, yes: bool, uri: str | None, prefix: str,
               site_file: Path | None) -> None:
