@@ -88,7 +88,12 @@ def write_record(conn: Any, tag: BuildTag) -> None:
 
     data = tag.record_bytes()
     vol = lv.create_volume(conn, tag.pool, tag.record_name, len(data))
-    upload_stream(conn, vol, io.BytesIO(data), len(data), what=f"write {tag.record_name}")
+    try:
+        upload_stream(conn, vol, io.BytesIO(data), len(data), what=f"write {tag.record_name}")
+    except BaseException:
+        with contextlib.suppress(Exception):  # a record cut short would be nobody's
+            vol.delete(0)
+        raise
 
 
 def _read_record(conn: Any, pool: str, vol: Any) -> BuildTag | None:
