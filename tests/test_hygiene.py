@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 
 from osimage import pipeline
-from osimage.errors import BuildError
-from osimage.mirror import open_mirror
 from osimage.ui import Reporter
 from tests.conftest import build_py, git
 from tests.servers import SSHServer
@@ -154,27 +152,33 @@ def test_runner_keeps_secrets_from_children(tmp_path: Path,
 # --- host keys -------------------------------------------------------------------------------
 
 
-def test_environment_does_not_trust_a_new_host_key(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """OSIMAGE_ACCEPT_NEW_HOST_KEY=1 inherited from a shell or CI trusts nothing: the mirror's
-    unknown key is refused and known_hosts stays empty."""
+def test_environment_does_not_trust_a_new_host_key(repo: Path, tmp_path: Path) -> None:
+    """OSIMAGE_ACCEPT_NEW_HOST_KEY=1 inherited from a shell or CI trusts nothing: the build
+    refuses the SSH mirror's unknown key before any VM starts and known_hosts stays empty.
+    The command-line flag does trust it (Packer then fails, injected: no VM is needed)."""
     known = tmp_path / "known_hosts"
     known.write_text("")
-    monkeypatch.setenv("OSIMAGE_ACCEPT_NEW_HOST_KEY", "1")
-    artifact = tmp_path / "a.img"
-    artifact.write_bytes(b"x" * 1000)
-    from osimage import artifacts
-
-    art = artifacts.record(artifact)
+    failing = tmp_path / "bin" / "packer"
+    failing.parent.mkdir()
+    real = shutil.which("packer") or "/usr/bin/packer"
+    failing.write_text("#!/bin/sh\n"
+                       "[ \"$1\" = build ] && { echo injected failure; exit 1; }\n"
+                       f"exec {real} \"$@\"\n")
+    failing.chmod(0o755)
     with SSHServer() as ssh:
-        mirror = open_mirror(ssh.url, tmp_path, {"url": ssh.url, "http": "http://127.0.0.1:1",
-                                                 "identity_file": str(ssh.client_key),
-                                                 "known_hosts": str(known)})
-        with pytest.raises(BuildError, match="unknown host key") as err:
-            mirror.publish([art], "builds/a/1")
-        assert "--accept-new-host-key" in (err.value.hint or "")
+        site = tmp_path / "site.yaml"
+        site.write_text(f"packer:\n  binary: {failing}\nmirror:\n  url: {ssh.url}\n"
+                        f"  http: http://127.0.0.1:9/\n  identity_file: {ssh.client_key}\n"
+                        f"  known_hosts: {known}\n")
+        proc = build_py(repo, "smoke", "--site", str(site),
+                        env={"OSIMAGE_ACCEPT_NEW_HOST_KEY": "1"})
+        assert proc.returncode == 1, proc.stderr
+        assert "unknown host key" in proc.stderr and "packer build" not in proc.stderr
         assert known.read_text() == ""
-        assert not (ssh.root / "builds").exists()
+        flag = build_py(repo, "smoke", "--site", str(site), "--accept-new-host-key")
+        assert flag.returncode == 1 and "injected failure" in flag.stderr, flag.stderr
+        assert known.read_text() == f"{ssh.host_pattern} {ssh.host_public}\n"
+    assert not (ssh.root / "builds").exists()
 
 
 # --- write-usb -------------------------------------------------------------------------------
