@@ -100,7 +100,9 @@ def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Pat
     from osimage.pipeline import BuildOptions, run_build
 
     if accept_new_host_key:
-        os.environ["OSIMAGE_ACCEPT_NEW_HOST_KEY"] = "1"  # the SSH mirror reads it (sshmirror.py)
+        from osimage.sshmirror import trust_new_host_keys
+
+        trust_new_host_keys()
 
     opts = BuildOptions(image=image, release=release, skip_commit=skip_commit,
                         site_file=site_file, keep_failed=keep_failed, publish=not no_publish,
@@ -326,8 +328,8 @@ def tidy_cmd(images: tuple[str, ...], check: bool) -> None:
 @click.option("--yes", is_flag=True, help="Remove them. Without it, only list them (dry run).")
 @click.option("--uri", metavar="URI", help="Hypervisor (default: libvirt.uri of the site file).")
 @click.option("--prefix", default="packer-", show_default=True,
-              help="Names to look for (the plugin names domains packer-<id>, volumes "
-                   "<domain>-<alias>).")
+              help="Of what osimage builds made (their tag selects), only names starting "
+                   "with this (domains packer-osimage-IMAGE-RUN, volumes <domain>-<alias>).")
 @site_option
 def clean_cmd(older_than: str, yes: bool, uri: str | None, prefix: str,
               site_file: Path | None) -> None:

@@ -170,19 +170,33 @@ def _valid_cache() -> Path:
     return cache_home() / "valid-config"
 
 
+def _typed(value: Any) -> Any:
+    """value as JSON that keeps every type: a YAML date and the string '2024-01-01', 1 and
+    1.0 and True, a key 1 and a key '1' all come out different, as jsonschema sees them."""
+    if isinstance(value, dict):
+        items = [[_typed(k), _typed(v)] for k, v in value.items()]
+        return ["map", sorted(items, key=lambda kv: json.dumps(kv[0]))]
+    if isinstance(value, list | tuple):
+        return [type(value).__name__, [_typed(v) for v in value]]
+    if value is None or isinstance(value, str | int | float):  # bool is an int: named below
+        return [type(value).__name__, value]
+    return [f"{type(value).__module__}.{type(value).__qualname__}", repr(value)]
+
+
 def _validation_key(data: Any, schema_name: str) -> str:
     import hashlib
 
     schema_bytes = (SCHEMA_DIR / f"{schema_name}.schema.json").read_bytes()
-    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    blob = json.dumps(_typed(data), sort_keys=True).encode()
     return hashlib.sha256(schema_bytes + b"\0" + blob).hexdigest()
 
 
 def validate(data: Any, schema_name: str, shown: str) -> None:
     """Check data against a schema; raise one ConfigError listing every problem.
 
-    A document that passed is remembered by the hash of its content and of the schema, so the
-    next build of an unchanged image skips importing jsonschema (a tenth of a second).
+    A document that passed is remembered by the hash of its content (with the type of every
+    value) and of the schema, so the next build of an unchanged image skips importing
+    jsonschema (a tenth of a second).
     """
     if data is None:
         data = {}
@@ -243,6 +257,45 @@ def list_images(root: Path) -> list[str]:
     return sorted(p.name for p in images.iterdir() if (p / "image.yaml").is_file())
 
 
+def image_paths(data: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Every local path image.yaml names: (key, value, True when relative to the image folder,
+    False when relative to the repository root). URLs are not paths."""
+    found: list[tuple[str, str, bool]] = []
+    for i, prov in enumerate(data.get("provisioners", [])):
+        found += [(f"provisioners[{i}].{k}", prov[k], True)
+                  for k in ("script", "source", "playbook") if k in prov]
+    if "http_directory" in data:
+        found.append(("http_directory", data["http_directory"], True))
+    for step in ("apply", "create"):
+        spec = data.get("patches", {}).get(step, {})
+        if "script" in spec:
+            found.append((f"patches.{step}.script", spec["script"], True))
+    rootfs = data.get("outputs", {}).get("rootfs", {})
+    if "script" in rootfs:
+        found.append(("outputs.rootfs.script", rootfs["script"], True))
+    src = data.get("source", {})
+    for key in ("iso", "disk", "prepare"):
+        if key in src and "://" not in src[key]:
+            found.append((f"source.{key}", src[key], False))
+    ref = src.get("checksum", "").removeprefix("file:")
+    if src.get("checksum", "").startswith("file:") and "://" not in ref:
+        found.append(("source.checksum", ref, False))
+    return found
+
+
+def check_image_paths(root: Path, directory: Path, data: dict[str, Any], shown: str) -> None:
+    """Paths stay inside the image folder (the source's, inside the repository), once symlinks
+    and '..' are resolved: a build reads nothing the repository does not hold, and the inputs
+    hash (the image folder, templates/, the source's checksum and prepare script) covers it."""
+    for key, value, in_image in image_paths(data):
+        base = directory if in_image else root
+        where = (f"images/{directory.name}/" if in_image else "the repository")
+        target = (base / value).resolve()
+        if Path(value).is_absolute() or not target.is_relative_to(base.resolve()):
+            raise ConfigError(f"{shown}: {key}: {value!r} is outside {where} (paths are "
+                              f"relative to {where} and must stay inside it)")
+
+
 def load_image(root: Path, name: str) -> Image:
     known = list_images(root)
     if not IMAGE_NAME.match(name) or name not in known:
@@ -260,6 +313,7 @@ def load_image(root: Path, name: str) -> Image:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{shown}: provisioners: name '{dupes[0]}' is used twice")
+    check_image_paths(root, directory, data, shown)
     for i, prov in enumerate(data["provisioners"]):
         for key in ("script", "source", "playbook"):
             if key in prov and not (directory / prov[key]).exists():

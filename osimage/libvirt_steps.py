@@ -5,6 +5,8 @@ The qemu build's steps stay as they are; for libvirt, adapt() changes the list:
     libvirt preflight        before rendering: connect, pool, free space, network, Packer
     upload source to pool    the install ISO (or source disk), unless it is there already
     render and validate HCL  templates/libvirt.pkr.hcl.j2, checked against the plugin's fields
+    tag build on hypervisor  the build's record into the pool, its tag onto the domain (the
+                             selection of `./build.py clean`, osimage/libvirt_clean.py)
     packer build             as for qemu; the plugin leaves the artifact as a pool volume
     download artifact volume through a stream, hashed in the same pass (replaces "hash
                              artifacts"), converted when image.yaml asks for zstd
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +88,28 @@ class LibvirtBuild:
     conn: Any = None
     source: lv.SourceVolume | None = None
     checks: list[lv.Check] = field(default_factory=list)
+    tag: libvirt_clean.BuildTag | None = None  # set once its record is in the pool
 
 
 def domain_name(ctx: BuildContext) -> str:
-    """The build's domain, packer-osimage-IMAGE-RUN: its volumes are named DOMAIN-*, so the
-    build's cleanup and `./build.py clean` find all of them by name."""
+    """The build's domain, packer-osimage-IMAGE-RUN; its volumes are named DOMAIN-ALIAS."""
     return f"{lv.LEFTOVER_PREFIX}osimage-{ctx.image.name}-{ctx.run_uuid[:8]}"
+
+
+def oemdrv_volume(build: LibvirtBuild) -> str:
+    return f"{build.domain}-oemdrv.iso"
+
+
+def artifact_volume(ctx: BuildContext, build: LibvirtBuild) -> str:
+    return f"{build.domain}-artifact.{ctx.image.data['outputs']['disk'].get('format', 'qcow2')}"
+
+
+def build_tag(ctx: BuildContext, build: LibvirtBuild) -> libvirt_clean.BuildTag:
+    """The build's tag: its run id, domain and the volumes the plugin makes for it (the
+    install source's volume is shared by builds and kept)."""
+    return libvirt_clean.BuildTag(run=ctx.run_uuid, image=ctx.image.name,
+                                  pool=build.settings.pool, domain=build.domain,
+                                  volumes=(oemdrv_volume(build), artifact_volume(ctx, build)))
 
 
 def state(ctx: BuildContext) -> LibvirtBuild:
@@ -250,13 +269,15 @@ class _BuildCleanup:
     def __call__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> bool:
         ctx, build = self.ctx, self.build
+        if build.tag is None:
+            return False  # Packer never ran: the plugin made nothing
         if et is not None and ctx.keep_failed:
             ctx.reporter.info(f"    kept domain {build.domain} and its volumes "
                               f"({build.settings.pool}/{build.domain}-*) for inspection; "
                               f"'./build.py clean --yes' removes them")
             return False
         try:
-            removed = libvirt_clean.remove_build(build.conn, build.settings.pool, build.domain)
+            removed = libvirt_clean.remove_build(build.conn, build.tag)
         except Exception as err:
             ctx.reporter.warn(f"could not remove {build.domain} and its volumes: "
                               f"{lv.error_text(err)}; './build.py clean --yes' will")
@@ -264,6 +285,40 @@ class _BuildCleanup:
         if removed:
             ctx.reporter.info(f"    removed {', '.join(removed)}")
         return False
+
+
+class _DomainTagger:
+    """While Packer runs, puts the build's tag on its domain as soon as the plugin has
+    defined it (the plugin has no field for domain <metadata>)."""
+
+    def __init__(self, conn: Any, tag: libvirt_clean.BuildTag) -> None:
+        self.conn, self.tag = conn, tag
+        self.tagged = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="libvirt-tag")
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self.tagged and not self._stop.wait(0.2):
+            self.tagged = libvirt_clean.tag_domain(self.conn, self.tag)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if not self.tagged:  # one last look: a domain Packer left behind gets its tag too
+            self.tagged = libvirt_clean.tag_domain(self.conn, self.tag)
+
+
+def step_tag(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    """The build's record into the pool before Packer makes anything, and its tag on the
+    domain when there is one: `./build.py clean` removes only what carries them."""
+    build = state(ctx)
+    tag = build_tag(ctx, build)
+    libvirt_clean.write_record(build.conn, tag)
+    build.tag = tag
+    stack.callback(_DomainTagger(build.conn, tag).stop)  # runs before _BuildCleanup
+    ctx.reporter.info(f"    {tag.pool}/{tag.record_name}: domain {tag.domain}, volumes "
+                      f"{', '.join(tag.volumes)}")
 
 
 @contextlib.contextmanager
@@ -355,11 +410,11 @@ def libvirt_variables(ctx: BuildContext, build: LibvirtBuild,
         # at render time (./build.py render does not fetch it).
         "source": {"kind": src.kind, "volume": src.volume, "format": src.format,
                    "capacity": f"{size}B" if size else "1M"},
-        "oemdrv": {"volume": f"{build.domain}-oemdrv.iso", "files": files,
+        "oemdrv": {"volume": oemdrv_volume(build), "files": files,
                    "contents": {"osimage/authorized_keys": public_key}},
         "http_note": f"from {display_path(http_dir, ctx.root)}/" if http_dir
         else "none for this image",
-        "artifact": {"volume": f"{build.domain}-artifact.{fmt}", "format": fmt,
+        "artifact": {"volume": artifact_volume(ctx, build), "format": fmt,
                      "capacity": data["disk_size"]},
         "boot_devices": ["hd", "cdrom"] if src.kind == "iso" else ["hd"],
         "boot_command": boot_command_for_libvirt(data.get("boot_command", []), shown),
@@ -414,7 +469,7 @@ def step_download(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     s = build.settings
     disk = ctx.image.data["outputs"]["disk"]
     fmt = disk.get("format", "qcow2")
-    name = f"{build.domain}-artifact.{fmt}"
+    name = artifact_volume(ctx, build)
     vol = lv.find_volume(build.conn, s.pool, name)
     if vol is None:
         raise BuildError(f"packer build left no artifact volume {s.pool}/{name}",
@@ -472,6 +527,8 @@ def adapt(steps: list[tuple[str, Step]], *, render_step: Step, packer_step: Step
         elif step is checksums_step:
             continue
         else:
+            if step is packer_step:
+                out.append(("tag build on hypervisor", step_tag))
             out.append((name, step))
             if step is packer_step and wants_disk:
                 out.append(("download artifact volume", step_download))

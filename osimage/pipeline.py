@@ -159,7 +159,9 @@ def step_source(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 
 def inputs_hash(ctx: BuildContext) -> str:
-    """sha256 over what decides the image: its folder, templates/, the source checksum."""
+    """sha256 over what decides the image: its folder, templates/, the source checksum and
+    the source's prepare script (config.check_image_paths keeps every other path inside the
+    image folder)."""
     h = hashlib.sha256()
     folders = [ctx.image.directory, ctx.root / "templates"]
     for folder in folders:
@@ -168,6 +170,11 @@ def inputs_hash(ctx: BuildContext) -> str:
                 h.update(str(path.relative_to(ctx.root)).encode() + b"\0")
                 h.update(path.read_bytes() + b"\0")
     h.update(ctx.source_checksum.encode())
+    # What image.yaml (or the site's sources) names outside the image folder: the source counts
+    # by its checksum above; the script that makes it by its bytes.
+    src = ctx.site.data.get("sources", {}).get(ctx.image.name) or ctx.image.data["source"]
+    if "prepare" in src:
+        h.update(b"\0prepare:" + (ctx.root / src["prepare"]).read_bytes())
     if ctx.patches is not None:
         h.update(b"\0patches:" + ctx.patches.sha256.encode())
     if ctx.payload is not None:

@@ -29,6 +29,24 @@ GRACE_SECONDS = 18.0
 TERM_SECONDS = 5.0
 
 
+# Secrets osimage reads from its own environment. No child inherits them: the code that needs
+# one hands it over in a form of its own (skopeo gets a 0600 --authfile), or passes it in env=.
+SECRET_ENV = frozenset({"OSIMAGE_REGISTRY_USERNAME", "OSIMAGE_REGISTRY_PASSWORD"})
+_SECRET_SUFFIXES = ("_PASSWORD", "_TOKEN", "_SECRET")
+
+
+def is_secret(name: str) -> bool:
+    return name in SECRET_ENV or (name.startswith("OSIMAGE_") and name.endswith(_SECRET_SUFFIXES))
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child: this process's without its secrets, plus extra."""
+    env = {k: v for k, v in os.environ.items() if not is_secret(k)}
+    if extra:
+        env.update(extra)
+    return env
+
+
 @dataclass
 class Result:
     argv: list[str]
@@ -137,9 +155,7 @@ def run(
     With check, a non-zero exit raises BuildError carrying the last lines of output.
     """
     args = [os.fspath(a) for a in argv]
-    full_env = dict(os.environ)
-    if env:
-        full_env.update(env)
+    full_env = child_env(env)
     tail: deque[str] = deque(maxlen=tail_lines)
     with forwarded_signals() as stop, contextlib.ExitStack() as files:
         check_interrupted()
@@ -231,7 +247,7 @@ def output(argv: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None,
     args = [os.fspath(a) for a in argv]
     try:
         proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, env=child_env())
     except FileNotFoundError:
         raise BuildError(f"{args[0]}: command not found") from None
     if proc.returncode != 0:
@@ -262,9 +278,7 @@ def run_interactive(
     import tty
 
     args = [os.fspath(a) for a in argv]
-    full_env = dict(os.environ)
-    if env:
-        full_env.update(env)
+    full_env = child_env(env)
     stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
     pid, master = pty.fork()  # the child is a session leader: its pid is its process group
     if pid == 0:  # pragma: no cover - the child only execs

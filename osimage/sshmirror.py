@@ -18,8 +18,8 @@ How a publish keeps the mirror consistent:
 - renames happen after every upload succeeded, artifacts before their NAME.sha256 files.
 
 Host keys are checked against known_hosts (OpenSSH format, hashed entries included): an
-unknown key is refused unless accept_new_host_key (CLI --accept-new-host-key, or the
-environment OSIMAGE_ACCEPT_NEW_HOST_KEY=1), which appends it; a changed key is always refused.
+unknown key is refused unless accept_new_host_key (CLI --accept-new-host-key only, never an
+inherited environment variable), which appends it; a changed key is always refused.
 Authentication: the site's identity_file, else ssh-agent, else ~/.ssh/id_{ed25519,ecdsa,rsa}.
 Nothing secret is logged or passed in argv.
 """
@@ -31,7 +31,6 @@ import contextlib
 import errno
 import hashlib
 import io
-import os
 import posixpath
 import socket
 import stat
@@ -64,7 +63,6 @@ IO_TIMEOUT = 120.0  # a mirror silent this long counts as a dropped connection
 HTTP_TIMEOUT = 60.0
 INTERRUPT_CHECK = 64  # blocks between checks for Ctrl-C
 DISK_FULL_SLACK = 4 * REQUEST_SIZE
-ACCEPT_ENV = "OSIMAGE_ACCEPT_NEW_HOST_KEY"
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 # known_hosts stores RSA keys as ssh-rsa; the handshake names their signature algorithms
 KEY_ALGORITHMS = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
@@ -179,6 +177,16 @@ def verify_http(url: str, size: int, sha256: str, *, timeout: float = HTTP_TIMEO
                          "stale cache; the SSH upload itself was verified")
 
 
+# Set by the command line's --accept-new-host-key alone: trusting a new mirror must be the
+# user's decision for this run, not something inherited from the environment of a shell or CI.
+_trust_new_host_keys = [False]
+
+
+def trust_new_host_keys(on: bool = True) -> None:
+    """--accept-new-host-key: SSH mirrors opened from now on add a host key not yet known."""
+    _trust_new_host_keys[0] = on
+
+
 class SSHMirror:
     """A Mirror (publish(artifacts, dest) -> paths) on a server reached over SSH."""
 
@@ -190,7 +198,7 @@ class SSHMirror:
         self.identity_file = identity_file
         self.known_hosts = known_hosts or Path("~/.ssh/known_hosts").expanduser()
         if accept_new_host_key is None:
-            accept_new_host_key = os.environ.get(ACCEPT_ENV, "") not in ("", "0")
+            accept_new_host_key = _trust_new_host_keys[0]
         self.accept_new_host_key = accept_new_host_key
         self.check_free_space = check_free_space
         self.progress = progress

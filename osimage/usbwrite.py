@@ -15,7 +15,7 @@ failed write or check exits 1, Ctrl-C 130.
 
 Tests stand a regular file in for the device: OSIMAGE_WRITE_USB_SYSROOT names a folder laid out
 like / (sys/class/block/NAME/{removable,size,...}, proc/self/mounts, proc/swaps) that the checks
-read instead, and only then may DEVICE be a regular file.
+read instead, and only then may DEVICE be a regular file. For a block device it is ignored.
 """
 
 from __future__ import annotations
@@ -125,9 +125,12 @@ def _from_records(image: str, release_name: str | None, version: str | None,
 # --- the device ------------------------------------------------------------------------------
 
 
-def _sysroot() -> tuple[Path, bool]:
+def _sysroot(is_block: bool) -> tuple[Path, bool]:
+    """Where /sys and /proc are read from. The test sysroot stands in only for a regular
+    file: a real block device is always judged by the real /sys and /proc, so the variable
+    can never make a fixed disk look removable or a mounted one look free."""
     fake = os.environ.get(SYSROOT_ENV)
-    return (Path(fake), True) if fake else (Path("/"), False)
+    return (Path(fake), True) if fake and not is_block else (Path("/"), False)
 
 
 def _read(path: Path) -> str:
@@ -162,7 +165,6 @@ def _users(sysroot: Path, fake: bool, names: set[str]) -> list[str]:
 
 def inspect_device(device: str) -> Device:
     """What the checks need to know about DEVICE (from /sys and /proc, or the test sysroot)."""
-    sysroot, fake = _sysroot()
     path = Path(device)
     node = Path(os.path.realpath(path))
     try:
@@ -170,6 +172,7 @@ def inspect_device(device: str) -> Device:
     except FileNotFoundError:
         raise Refused(f"{device}: no such device") from None
     is_block = stat.S_ISBLK(mode)
+    sysroot, fake = _sysroot(is_block)
     if not is_block and not (fake and stat.S_ISREG(mode)):
         raise Refused(f"{device} is not a block device")
     name = node.name

@@ -96,7 +96,7 @@ def enable_exports(repo: Path, registry_host: str) -> str:
     """The smoke image with every export: its diskless boot files uploaded into /boot (as a
     Rocky image has its kernel and initramfs there), outputs rootfs/boot/squashfs/oci; a site
     file naming the registry. Committed, so the build is clean."""
-    boot = repo / "build" / "sources" / "smoke" / "boot"
+    boot = repo / "images" / "smoke" / "boot"  # image.yaml's paths stay in its folder
     out = subprocess.run([str(repo / "images/smoke/diskless/make-boot-files.sh"), str(boot)],
                          check=True, capture_output=True, text=True).stdout
     kver = Path(out.splitlines()[0]).name.removeprefix("vmlinuz-")
@@ -104,13 +104,14 @@ def enable_exports(repo: Path, registry_host: str) -> str:
     text = image_yaml.read_text()
     text = text.replace("provisioners:\n", "provisioners:\n"
                         "  - name: boot-files\n    type: file\n"
-                        f"    source: {boot}/\n    destination: /boot\n", 1)
+                        "    source: boot/\n    destination: /boot\n", 1)
     text += ("  rootfs:\n    script: diskless/rootfs.sh\n    path: /tmp/osimage-rootfs.tar\n"
              "  boot: {}\n  squashfs: {compression: zstd}\n  oci: {}\n")
     image_yaml.write_text(text)
     (repo / "site.yaml").write_text(  # ignored by git: the tree stays clean
         f"registry:\n  url: {registry_host}/osimage\n  tls_verify: false\n")
-    git(repo, "commit", "-qam", "smoke: diskless exports")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "smoke: diskless exports")
     return kver
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -308,11 +309,17 @@ def domains(libvirt_uri: str) -> Iterator[list[str]]:
 
 
 def leftover_domain(pool: libvirtd.TestPool, prefix: str, volumes: list[str],
-                    domains: list[str]) -> Any:
+                    domains: list[str]) -> libvirt_clean.BuildTag:
+    """What a failed osimage build leaves: its record, its volumes, its domain with its tag."""
+    tag = libvirt_clean.BuildTag(run=str(uuid.uuid4()), image="t", pool=pool.name,
+                                 domain=prefix + "dom", volumes=tuple(volumes))
+    libvirt_clean.write_record(pool.conn, tag)
     for v in volumes:
         lv.create_volume(pool.conn, pool.name, v, 1 << 20, "raw")
     domains.append(prefix + "dom")
-    return libvirtd.define_domain(pool.conn, prefix + "dom", pool.name, volumes[:1])
+    libvirtd.define_domain(pool.conn, prefix + "dom", pool.name, volumes[:1])
+    assert libvirt_clean.tag_domain(pool.conn, tag)
+    return tag
 
 
 def test_find_leftovers_with_ages(pool: libvirtd.TestPool, domains: list[str]) -> None:
@@ -363,9 +370,10 @@ def test_clean_without_hypervisor(repo: Path) -> None:
 
 def test_remove_build_takes_only_its_own(pool: libvirtd.TestPool, domains: list[str]) -> None:
     dom = libvirtd.unique("packer-osimage-t-")
-    leftover_domain(pool, dom, [f"{dom}dom-artifact.qcow2", f"{dom}dom-oemdrv.iso"], domains)
+    tag = leftover_domain(pool, dom, [f"{dom}dom-artifact.qcow2", f"{dom}dom-oemdrv.iso"],
+                          domains)
     lv.create_volume(pool.conn, pool.name, f"{dom}other-artifact.qcow2", 1024, "raw")
-    removed = libvirt_clean.remove_build(pool.conn, pool.name, f"{dom}dom")
+    removed = libvirt_clean.remove_build(pool.conn, tag)
     assert removed == [f"domain {dom}dom", f"volume {pool.name}/{dom}dom-artifact.qcow2",
                        f"volume {pool.name}/{dom}dom-oemdrv.iso"]
     assert [v.name() for v in pool.pool.listAllVolumes(0)] == [f"{dom}other-artifact.qcow2"]

@@ -316,11 +316,11 @@ def test_libvirt_steps_around_packer() -> None:
     kw = {"render_step": render, "packer_step": packer, "checksums_step": hashing}
     names = [n for n, _ in libvirt_steps.adapt(build, **kw)]
     assert names == ["prepare source", "libvirt preflight", "upload source to pool",
-                     "render and validate HCL", "packer build", "download artifact volume",
-                     "publish"]
+                     "render and validate HCL", "tag build on hypervisor", "packer build",
+                     "download artifact volume", "publish"]
     assert [n for n, _ in libvirt_steps.adapt(build[:2], **kw)] == [
         "prepare source", "render and validate HCL"]
     no_disk = [s for s in build if s[1] not in (hashing, publish)]
     assert [n for n, _ in libvirt_steps.adapt(no_disk, **kw)] == [
         "prepare source", "libvirt preflight", "upload source to pool",
-        "render and validate HCL", "packer build"]
+        "render and validate HCL", "tag build on hypervisor", "packer build"]

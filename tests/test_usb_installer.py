@@ -47,7 +47,10 @@ def usb_repo(tmp_path: Path, usb_live: Path) -> Path:
     """A clone with images/usb-installer-test, its live ISO prepared, and release 1.0-test whose
     smoke entry is a small raw file on the local mirror."""
     root = make_repo(tmp_path / "repo")
-    shutil.copytree(PROJECT / "tests/usb/usb-installer-test", root / "images/usb-installer-test")
+    test_image = root / "images/usb-installer-test"
+    shutil.copytree(PROJECT / "tests/usb/usb-installer-test", test_image)
+    for part in ("compose", "installer"):  # image.yaml's paths stay inside its folder
+        shutil.copytree(root / "images/usb-installer" / part, test_image / part)
     sources = root / "build/sources/usb-test-live"
     shutil.copytree(usb_live, sources)
     stamp = hashlib.sha256(LIVE_SCRIPT.read_bytes()).hexdigest()
