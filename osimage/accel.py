@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from osimage.errors import ConfigError
+from osimage.runner import child_env
 
 PROBE_TIMEOUT = 4.0
 
@@ -57,7 +58,8 @@ def kvm_usable(qemu: str = "qemu-system-x86_64", timeout: float = PROBE_TIMEOUT)
             expect_rc, expect_out = 1, b"K"
         try:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    stdin=subprocess.DEVNULL, process_group=0)
+                                    stdin=subprocess.DEVNULL, process_group=0,
+                                    env=child_env())
         except FileNotFoundError:
             return False
         try:

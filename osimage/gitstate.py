@@ -9,6 +9,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from osimage.errors import ConfigError
+from osimage.runner import child_env
 
 # A build writes its record into images/NAME/manifest.json; that file is the build's output,
 # not an input, so it never makes the tree dirty.
@@ -33,7 +34,7 @@ class GitState:
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              check=False, stdin=subprocess.DEVNULL)
+                              check=False, stdin=subprocess.DEVNULL, env=child_env())
     except FileNotFoundError:
         raise ConfigError("git is not installed", hint="apt-get install -y git") from None
 

@@ -39,6 +39,7 @@ from osimage.release_manifest import (
     lock_for,
     put,
 )
+from osimage.runner import child_env
 from osimage.tidy import is_clean, is_published, latest_clean, manifest_path, named_images
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -358,7 +359,7 @@ def entry_by_hand(root: Path, image: str, version: str, commit: str, files: Sequ
 def _resolve_commit(root: Path, commit: str) -> str:
     proc = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "--quiet",
                            f"{commit}^{{commit}}"], capture_output=True, text=True, check=False,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=child_env())
     if proc.returncode != 0 or not commit:
         raise ConfigError(f"--commit: {commit!r} is not a commit of this repository")
     return proc.stdout.strip()

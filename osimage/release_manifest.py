@@ -32,6 +32,7 @@ from osimage import config, manifest
 from osimage.errors import ConfigError, FactoryError
 from osimage.fsutil import atomic_write_text
 from osimage.gitstate import RELEASE
+from osimage.runner import child_env
 
 MANIFEST = "manifests/manifest.yaml"
 EMPTY = "releases: {}\n"
@@ -210,7 +211,7 @@ def lock_for(root: Path) -> FileLock:
     would be an untracked file, and an untracked file makes the next build -dirty."""
     proc = subprocess.run(["git", "-C", str(root), "rev-parse", "--git-path",
                            "osimage-manifest.yaml.lock"], capture_output=True, text=True,
-                          check=False, stdin=subprocess.DEVNULL)
+                          check=False, stdin=subprocess.DEVNULL, env=child_env())
     if proc.returncode != 0:
         raise ConfigError(f"{root}: not inside a git repository")
     lock = Path(proc.stdout.strip())

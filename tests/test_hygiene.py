@@ -78,13 +78,14 @@ def listening(pgid: int) -> set[tuple[str, int]]:
 
 def test_build_children_see_no_secret_and_http_on_loopback(repo: Path, tmp_path: Path) -> None:
     """A real smoke build with a registry password in the environment and an http_directory
-    the guest fetches a file from: neither packer nor ssh-keygen gets the password, and every
+    the guest fetches a file from: neither packer, ssh-keygen nor git gets the password, and every
     socket Packer's process group listens on (its HTTP server among them) is on 127.0.0.1."""
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     bin_dir = tmp_path / "bin"
     packer = observer(bin_dir, "packer", shutil.which("packer") or "/usr/bin/packer")
     observer(bin_dir, "ssh-keygen", shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen")
+    observer(bin_dir, "git", shutil.which("git") or "/usr/bin/git")
     (repo / "site.yaml").write_text(f"packer:\n  binary: {packer}\n")
     image = repo / "images" / "smoke"
     (image / "http").mkdir()
@@ -123,7 +124,7 @@ def test_build_children_see_no_secret_and_http_on_loopback(repo: Path, tmp_path:
     assert any("served to the guest" in log for log in logs)  # the guest fetched it
     seen = sorted(p.name for p in dumps.glob("*.env"))
     assert any(n.startswith("packer.") for n in seen) and any(
-        n.startswith("ssh-keygen.") for n in seen), seen
+        n.startswith("ssh-keygen.") for n in seen) and any(n.startswith("git.") for n in seen), seen
     for dump in dumps.glob("*.env"):
         assert SECRET not in dump.read_text(), dump.name
         assert "OSIMAGE_REGISTRY" not in dump.read_text(), dump.name
