@@ -49,6 +49,7 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_WRITE, int64
 
 from osimage.artifacts import Artifact, ThreadedHasher, parse_checksum_file
 from osimage.errors import BuildError, ConfigError, FactoryError
+from osimage.mirror import SSHLocation
 from osimage.runner import check_interrupted
 
 # aes128-gcm is the fastest cipher paramiko speaks (AES-NI, no separate MAC); the others are
@@ -69,40 +70,6 @@ DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 KEY_ALGORITHMS = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class SSHLocation:
-    user: str
-    host: str
-    port: int
-    root: str
-
-    @classmethod
-    def parse(cls, url: str) -> SSHLocation:
-        parts = urllib.parse.urlsplit(url)
-        try:
-            port = parts.port or 22
-        except ValueError:
-            raise ConfigError(f"mirror.url: {url!r}: bad port") from None
-        if parts.scheme != "ssh" or not parts.hostname or not parts.path.startswith("/"):
-            raise ConfigError(f"mirror.url: {url!r}: expected ssh://USER@HOST[:PORT]/ROOT")
-        if parts.password is not None:
-            raise ConfigError("mirror.url: no passwords in the URL: the mirror is reached "
-                              "with a key (mirror.identity_file or ssh-agent)")
-        if parts.query or parts.fragment:
-            raise ConfigError(f"mirror.url: {url!r}: no query or fragment allowed")
-        root = posixpath.normpath(urllib.parse.unquote(parts.path))
-        return cls(user=urllib.parse.unquote(parts.username or "root"), host=parts.hostname,
-                   port=port, root=root)
-
-    @property
-    def known_hosts_name(self) -> str:
-        """How OpenSSH names this host in known_hosts."""
-        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-
-    def __str__(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
 
 
 @dataclass
