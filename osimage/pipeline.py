@@ -27,6 +27,7 @@ from osimage import (
     gitstate,
     httpdir,
     manifest,
+    mirrorcheck,
     packer,
     patches,
     payload,
@@ -37,6 +38,7 @@ from osimage.context import BuildContext
 from osimage.errors import BuildError, ConfigError, FactoryError
 from osimage.fsutil import waiting_lock
 from osimage.mirror import open_mirror
+from osimage.registrycheck import step_check_registry
 from osimage.ui import Reporter
 
 Step = Callable[[BuildContext, contextlib.ExitStack], None]
@@ -378,15 +380,21 @@ def step_checksums(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 
 def step_check_mirror(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """A remote mirror that cannot be reached, or whose host key is unknown, fails the build
-    now rather than after the VM has run."""
+    """Everything the publish will need, checked now rather than after the VM has run:
+    reachable, writable, room for the source's size, HTTP serving it (osimage/mirrorcheck.py)."""
     mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
-    connect = getattr(mirror, "connect", None)
-    if connect is None:
-        return
-    with connect():
-        pass
-    ctx.reporter.info(f"    {mirror.describe()}: reachable")
+    ctx.reporter.info(f"    {mirrorcheck.check(mirror, ctx.mirror_dest, _source_size(ctx))}")
+
+
+def _source_size(ctx: BuildContext) -> int | None:
+    """The local source's size, a first guess of the artifact's; None for a URL."""
+    src = ctx.site.data.get("sources", {}).get(ctx.image.name) or ctx.image.data["source"]
+    location = src.get("disk") or src.get("iso")
+    if not location or "://" in location:
+        return None
+    with contextlib.suppress(OSError):
+        return Path(_resolve_location(ctx.root, location)).stat().st_size
+    return None
 
 
 def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
@@ -429,6 +437,7 @@ def step_manifest(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 BUILD_STEPS: list[tuple[str, Step]] = [
     ("check mirror", step_check_mirror),
+    ("check registry", step_check_registry),  # images that push an OCI export only
     ("security patches", patches.step_fetch),  # before anything else: a --release build
     ("prepare source", step_source),
     ("resolve payload", payload.step_resolve),  # images that embed a release's image only
@@ -462,8 +471,8 @@ def mode_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[s
     if not httpdir.has_templates(ctx.image):
         drop.add(httpdir.step_http)
     drop |= exports.unused_steps(ctx)
-    if not ctx.site.mirror_url.startswith("ssh://"):
-        drop.add(step_check_mirror)  # a local mirror folder has nothing to check in advance
+    if exports.step_push in drop or exports.registry(ctx) is None:
+        drop.add(step_check_registry)
     return [s for s in steps if s[1] not in drop]
 
 
@@ -517,7 +526,8 @@ def render_only(root: Path, opts: BuildOptions, reporter: Reporter) -> Path:
         patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             upto = [s[1] for s in BUILD_STEPS].index(step_render) + 1
-            steps = [s for s in BUILD_STEPS[:upto] if s[1] is not step_check_mirror]
+            steps = [s for s in BUILD_STEPS[:upto]
+                     if s[1] not in (step_check_mirror, step_check_registry)]
             for name, step in backend_steps(ctx, mode_steps(ctx, steps)):
                 with reporter.step(name):
                     step(ctx, stack)
