@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 SLACK = 1 << 20  # what the checksum files and the file system's own blocks take besides
 PROBE_PREFIX = "osimage-probe-"  # no leading dot: web servers may refuse dot files
 HTTP_TIMEOUT = 20.0
+STATVFS_RDONLY = 0x1  # SSH2_FXE_STATVFS_ST_RDONLY
 
 
 def check(mirror: Mirror, dest: str, expected: int | None) -> str:
@@ -74,7 +75,6 @@ def _check_local(mirror: LocalMirror, dest: str, expected: int | None) -> str:
     if not folder.is_dir():
         raise BuildError(f"{mirror.describe()}: {folder} is not a folder",
                          hint="move it away or correct mirror.url in the site file")
-    room = _room(str(folder), dest, shutil.disk_usage(folder).free, expected)
     try:
         fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
         os.close(fd)
@@ -84,6 +84,7 @@ def _check_local(mirror: LocalMirror, dest: str, expected: int | None) -> str:
                          f"{(e.strerror or str(e)).lower()}",
                          hint=f"the user building ({_whoami()}) needs write access there"
                          ) from None
+    room = _room(str(folder), dest, shutil.disk_usage(folder).free, expected)
     return f"{mirror.describe()}: writable, {room}"
 
 
@@ -106,8 +107,11 @@ def _check_ssh(mirror: SSHMirror, dest: str, expected: int | None) -> str:
     with mirror.connect() as sftp:
         try:
             folder = _deepest_remote_folder(mirror, sftp, dest)
-            room = _room(f"{loc.host}:{folder}", dest, mirror._free_bytes(sftp, folder),
-                         expected)
+            free, read_only = _statvfs(sftp, folder)
+            if read_only:
+                raise BuildError(f"mirror {loc}: cannot write to {folder}: read-only file "
+                                 "system", hint="the mirror's disk must be mounted read-write")
+            room = _room(f"{loc.host}:{folder}", dest, free, expected)
             token = secrets.token_hex(16)
             probe = posixpath.join(folder, f"{PROBE_PREFIX}{token[:12]}.txt")
             try:
@@ -145,6 +149,25 @@ def _deepest_remote_folder(mirror: SSHMirror, sftp: paramiko.SFTPClient, dest: s
                              hint="move it away on the mirror")
         folder = path
     return folder
+
+
+def _statvfs(sftp: paramiko.SFTPClient, path: str) -> tuple[int | None, bool]:
+    """Free bytes where path lives and whether it is mounted read-only (OpenSSH's
+    statvfs@openssh.com); (None, False) when the server does not tell."""
+    import paramiko
+    from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
+
+    from osimage.sshmirror import _Wire
+
+    try:
+        kind, msg = _Wire(sftp).request(CMD_EXTENDED, "statvfs@openssh.com", path)
+    except (OSError, EOFError, paramiko.SSHException):
+        return None, False
+    if kind != CMD_EXTENDED_REPLY or msg is None:
+        return None, False
+    # bsize frsize blocks bfree bavail files ffree favail fsid flag namemax
+    fields = [msg.get_int64() for _ in range(11)]
+    return fields[1] * fields[4], bool(fields[9] & STATVFS_RDONLY)
 
 
 def _write_probe(mirror: SSHMirror, sftp: paramiko.SFTPClient, probe: str, folder: str,

@@ -68,6 +68,7 @@ ACCEPT_ENV = "OSIMAGE_ACCEPT_NEW_HOST_KEY"
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 # known_hosts stores RSA keys as ssh-rsa; the handshake names their signature algorithms
 KEY_ALGORITHMS = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
+KEY_TYPE_PREFIXES = ("ssh-", "ecdsa-", "sk-")  # OpenSSH's; paramiko knows only some of them
 
 Progress = Callable[[str, int, int], None]
 
@@ -698,6 +699,9 @@ def _known_hosts_line(line: str,
     if len(fields) < 3:
         raise BuildError(f"{where}: broken known_hosts line: expected HOSTS KEY-TYPE KEY, "
                          f"found {len(fields)} field(s)", hint="correct or delete that line")
+    if not fields[1].startswith(KEY_TYPE_PREFIXES):
+        raise BuildError(f"{where}: broken known_hosts line: {fields[1]!r} is not a key type",
+                         hint="correct or delete that line")
     try:
         blob = base64.b64decode(fields[2], validate=True)
     except ValueError:
