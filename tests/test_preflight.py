@@ -120,7 +120,7 @@ def test_no_room_on_the_mirror_for_the_source_size(repo: Path, ssh: SSHServer) -
         subprocess.run(["umount", str(ssh.root)], check=True)
     line = failed_before_the_vm(repo, proc, seconds)
     needed = f"{source.stat().st_size / MiB:.1f} MiB"
-    assert f"mirror disk full: builds/smoke/g" in line and f"needs about {needed}" in line
+    assert "mirror disk full: builds/smoke/g" in line and f"needs about {needed}" in line
     assert "MiB free" in line
     assert left == []
 
@@ -173,7 +173,7 @@ def test_local_mirror_checks(tmp_path: Path) -> None:
                                              r"20.0 MiB"):
             mirrorcheck.check(LocalMirror(root), "builds/smoke/1.0", 20 * MiB)
         subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
-        with pytest.raises(BuildError, match="cannot write to .*: read-only file system"):
+        with pytest.raises(BuildError, match=r"cannot write to .*: read-only file system"):
             mirrorcheck.check(LocalMirror(root), "builds/smoke/1.0", MiB)
     finally:
         subprocess.run(["umount", str(root)], check=True)
@@ -265,7 +265,7 @@ def test_registry_check_takes_good_credentials(tmp_path: Path) -> None:
 def test_mirror_url_refused_at_configuration_time(repo: Path, url: str, expected: str) -> None:
     (repo / "site.yaml").write_text(f"mirror:\n  url: {url}\n  http: http://127.0.0.1:9/\n")
     before = tree_snapshot(repo)
-    proc, seconds = build(repo)
+    proc, _ = build(repo)
     assert proc.returncode == 2, proc.stderr
     assert one_error_line(proc) == expected
     assert "==> " not in proc.stderr  # no step started
