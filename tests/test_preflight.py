@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from osimage import mirrorcheck
 from osimage.errors import BuildError
-from osimage.mirror import LocalMirror
 from tests.conftest import build_py, git, qemu_pids, tree_snapshot
 from tests.registry import Registry
 from tests.servers import HTTPServer, SSHServer, free_port
@@ -149,6 +147,7 @@ def test_http_side_down(repo: Path, ssh: SSHServer) -> None:
 
 @needs_sshd
 def test_a_good_mirror_passes_and_says_what_it_found(ssh: SSHServer, tmp_path: Path) -> None:
+    from osimage import mirrorcheck
     from osimage.sshmirror import SSHMirror
 
     with HTTPServer(ssh.root) as http:
@@ -163,6 +162,9 @@ def test_a_good_mirror_passes_and_says_what_it_found(ssh: SSHServer, tmp_path: P
 
 
 def test_local_mirror_checks(tmp_path: Path) -> None:
+    from osimage import mirrorcheck
+    from osimage.mirror import LocalMirror
+
     root = tmp_path / "mirror"
     found = mirrorcheck.check(LocalMirror(root), "builds/smoke/1.0", MiB)  # made on first use
     assert "writable" in found and not root.exists()
