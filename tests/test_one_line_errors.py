@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,3 +172,32 @@ def test_lock_that_cannot_be_taken(repo: Path) -> None:
     proc = build_py(repo, "smoke")
     line = failed(proc)
     assert line == f"error: cannot take the lock {lock}: Is a directory"
+
+
+def test_passphrase_identity_file_held_by_the_agent(ssh: SSHServer, http: HTTPServer,
+                                                    tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """As OpenSSH does, the agent's copy of a protected identity file is used."""
+    key = passphrase_key(tmp_path / "id_locked")
+    (ssh.workdir / "authorized_keys").write_text(key.with_name("id_locked.pub").read_text())
+    askpass = tmp_path / "askpass"
+    askpass.write_text("#!/bin/sh\necho pass\n")
+    askpass.chmod(0o700)
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock), "SSH_ASKPASS": str(askpass),
+               "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
+        subprocess.run(["ssh-add", str(key)], env=env, check=True, capture_output=True,
+                       stdin=subprocess.DEVNULL)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        m = SSHMirror(ssh.url, http.url, identity_file=key, known_hosts=ssh.known_hosts)
+        with m.connect() as sftp:
+            assert sftp.normalize(str(ssh.root)) == str(ssh.root)
+    finally:
+        agent.terminate()
+        agent.wait()
