@@ -5,8 +5,8 @@ that could not have taken its artifacts:
 
 - the folder the publish writes into (the deepest existing one of ROOT/builds/IMAGE/VERSION)
   is a folder and is writable: a probe file is really written there, as the publish would;
-- it has room for the expected size (the source disk's size: a fair first guess of the
-  artifact's, which is built from it);
+- it has room for the expected size (the files of the image's last recorded build, else the
+  source's size: a fair first guess of the artifact's, which is made from it);
 - for an SSH mirror, mirror.http serves that same folder: the probe written over SSH is read
   back over HTTP (as the publish's verification will read the artifacts), then removed.
 """
@@ -22,7 +22,7 @@ import socket
 import stat
 import tempfile
 import urllib.parse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from osimage.errors import BuildError
 from osimage.mirror import LocalMirror, Mirror
@@ -39,7 +39,14 @@ HTTP_TIMEOUT = 20.0
 STATVFS_RDONLY = 0x1  # SSH2_FXE_STATVFS_ST_RDONLY
 
 
-def check(mirror: Mirror, dest: str, expected: int | None) -> str:
+class Expected(NamedTuple):
+    """How many bytes the publish will need, and what that guess is based on."""
+
+    size: int
+    basis: str
+
+
+def check(mirror: Mirror, dest: str, expected: Expected | None) -> str:
     """Run the mirror's checks for a publish under dest; what was found, in one line.
     BuildError (one line and a hint) for the first problem."""
     if isinstance(mirror, LocalMirror):
@@ -55,12 +62,12 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _room(where: str, dest: str, free: int | None, expected: int | None) -> str:
+def _room(where: str, dest: str, free: int | None, expected: Expected | None) -> str:
     if free is None:
         return "free space unknown"
-    if expected is not None and expected + SLACK > free:
-        raise BuildError(f"mirror disk full: {dest} needs about {_mib(expected)} (the size of "
-                         f"the source disk), {where} has {_mib(free)} free",
+    if expected is not None and expected.size + SLACK > free:
+        raise BuildError(f"mirror disk full: {dest} needs about {_mib(expected.size)} "
+                         f"({expected.basis}), {where} has {_mib(free)} free",
                          hint="free space on the mirror, then build again")
     return f"{_mib(free)} free"
 
@@ -68,7 +75,7 @@ def _room(where: str, dest: str, free: int | None, expected: int | None) -> str:
 # --- a local folder ----------------------------------------------------------------------------
 
 
-def _check_local(mirror: LocalMirror, dest: str, expected: int | None) -> str:
+def _check_local(mirror: LocalMirror, dest: str, expected: Expected | None) -> str:
     folder = mirror.root / dest
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -100,7 +107,7 @@ def _whoami() -> str:
 # --- an SSH mirror with its HTTP side ----------------------------------------------------------
 
 
-def _check_ssh(mirror: SSHMirror, dest: str, expected: int | None) -> str:
+def _check_ssh(mirror: SSHMirror, dest: str, expected: Expected | None) -> str:
     import paramiko
 
     loc = mirror.location

@@ -381,19 +381,37 @@ def step_checksums(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 def step_check_mirror(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     """Everything the publish will need, checked now rather than after the VM has run:
-    reachable, writable, room for the source's size, HTTP serving it (osimage/mirrorcheck.py)."""
+    reachable, writable, room for what it will send, HTTP serving it (osimage/mirrorcheck.py)."""
     mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
-    ctx.reporter.info(f"    {mirrorcheck.check(mirror, ctx.mirror_dest, _source_size(ctx))}")
+    ctx.reporter.info(f"    {mirrorcheck.check(mirror, ctx.mirror_dest, _expected_size(ctx))}")
 
 
-def _source_size(ctx: BuildContext) -> int | None:
-    """The local source's size, a first guess of the artifact's; None for a URL."""
+def _expected_size(ctx: BuildContext) -> mirrorcheck.Expected | None:
+    """What the publish will need: the files of the image's last recorded build, else the
+    source's size (a fair first guess: the artifact is made from it); None if unknown."""
+    with contextlib.suppress(ConfigError, OSError, LookupError, TypeError, ValueError):
+        builds = manifest.read(ctx.image_manifest)["builds"]
+        size = sum(int(f["size"]) for f in builds[-1]["files"]) if builds else 0
+        if size:
+            return mirrorcheck.Expected(size, "the size of its last build")
     src = ctx.site.data.get("sources", {}).get(ctx.image.name) or ctx.image.data["source"]
     location = src.get("disk") or src.get("iso")
-    if not location or "://" in location:
+    if not location:
         return None
-    with contextlib.suppress(OSError):
-        return Path(_resolve_location(ctx.root, location)).stat().st_size
+    if "://" not in location:
+        with contextlib.suppress(OSError):
+            return mirrorcheck.Expected(
+                Path(_resolve_location(ctx.root, location)).stat().st_size,
+                "the size of the source")
+        return None
+    if location.startswith(("http://", "https://")):
+        import requests
+
+        with contextlib.suppress(requests.RequestException, KeyError, ValueError):
+            answer = requests.head(location, allow_redirects=True, timeout=10)
+            if answer.ok:
+                return mirrorcheck.Expected(int(answer.headers["Content-Length"]),
+                                            "the size of the source")
     return None
 
 
