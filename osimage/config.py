@@ -247,7 +247,22 @@ def load_site(root: Path, site_file: Path | None) -> Site:
     if not isinstance(data, dict):
         raise ConfigError(f"{shown}: (top level): must be a mapping of settings")
     validate(data, "site", shown)
+    _check_mirror_url(data, root, shown)
     return Site(path=path, data=_merge(DEFAULT_SITE, data))
+
+
+def _check_mirror_url(data: dict[str, Any], root: Path, shown: str) -> None:
+    """A mirror.url the build could not publish to is a configuration error, found before
+    anything runs (the embedded default folder is made on first use)."""
+    url = data.get("mirror", {}).get("url")
+    if url is None:
+        return
+    from osimage.mirror import check_url
+
+    try:
+        check_url(str(url), root)
+    except ConfigError as e:
+        raise ConfigError(f"{shown}: {e.message}", e.hint) from None
 
 
 def list_images(root: Path) -> list[str]:

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from osimage.errors import BuildError
+
 
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -47,14 +49,18 @@ def waiting_lock(path: Path, waiting: Callable[[], None]) -> Iterator[None]:
 
     lock = FileLock(str(path))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        waiting()
-        while True:
-            check_interrupted()
-            with contextlib.suppress(Timeout):
-                lock.acquire(timeout=0.5)
-                break
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            waiting()
+            while True:
+                check_interrupted()
+                with contextlib.suppress(Timeout):
+                    lock.acquire(timeout=0.5)
+                    break
+    except OSError as e:  # not held by anyone: it cannot be made (a folder, no permission)
+        raise BuildError(f"cannot take the lock {path}: {e.strerror or e}",
+                         hint="check that path and its folder's permissions") from None
     try:
         yield
     finally:

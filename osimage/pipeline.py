@@ -27,6 +27,7 @@ from osimage import (
     gitstate,
     httpdir,
     manifest,
+    mirrorcheck,
     packer,
     patches,
     payload,
@@ -37,6 +38,7 @@ from osimage.context import BuildContext
 from osimage.errors import BuildError, ConfigError, FactoryError
 from osimage.fsutil import waiting_lock
 from osimage.mirror import open_mirror
+from osimage.registrycheck import step_check_registry
 from osimage.ui import Reporter
 
 Step = Callable[[BuildContext, contextlib.ExitStack], None]
@@ -385,15 +387,39 @@ def step_checksums(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 
 def step_check_mirror(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """A remote mirror that cannot be reached, or whose host key is unknown, fails the build
-    now rather than after the VM has run."""
+    """Everything the publish will need, checked now rather than after the VM has run:
+    reachable, writable, room for what it will send, HTTP serving it (osimage/mirrorcheck.py)."""
     mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
-    connect = getattr(mirror, "connect", None)
-    if connect is None:
-        return
-    with connect():
-        pass
-    ctx.reporter.info(f"    {mirror.describe()}: reachable")
+    ctx.reporter.info(f"    {mirrorcheck.check(mirror, ctx.mirror_dest, _expected_size(ctx))}")
+
+
+def _expected_size(ctx: BuildContext) -> mirrorcheck.Expected | None:
+    """What the publish will need: the files of the image's last recorded build, else the
+    source's size (a fair first guess: the artifact is made from it); None if unknown."""
+    with contextlib.suppress(ConfigError, OSError, LookupError, TypeError, ValueError):
+        builds = manifest.read(ctx.image_manifest)["builds"]
+        size = sum(int(f["size"]) for f in builds[-1]["files"]) if builds else 0
+        if size:
+            return mirrorcheck.Expected(size, "the size of its last build")
+    src = ctx.site.data.get("sources", {}).get(ctx.image.name) or ctx.image.data["source"]
+    location = src.get("disk") or src.get("iso")
+    if not location:
+        return None
+    if "://" not in location:
+        with contextlib.suppress(OSError):
+            return mirrorcheck.Expected(
+                Path(_resolve_location(ctx.root, location)).stat().st_size,
+                "the size of the source")
+        return None
+    if location.startswith(("http://", "https://")):
+        import requests
+
+        with contextlib.suppress(requests.RequestException, KeyError, ValueError):
+            answer = requests.head(location, allow_redirects=True, timeout=10)
+            if answer.ok:
+                return mirrorcheck.Expected(int(answer.headers["Content-Length"]),
+                                            "the size of the source")
+    return None
 
 
 def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
@@ -438,6 +464,7 @@ def step_manifest(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 BUILD_STEPS: list[tuple[str, Step]] = [
     ("check mirror", step_check_mirror),
+    ("check registry", step_check_registry),  # images that push an OCI export only
     ("security patches", patches.step_fetch),  # before anything else: a --release build
     ("prepare source", step_source),
     ("resolve payload", payload.step_resolve),  # images that embed a release's image only
@@ -471,8 +498,8 @@ def mode_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[s
     if not httpdir.has_templates(ctx.image):
         drop.add(httpdir.step_http)
     drop |= exports.unused_steps(ctx)
-    if not ctx.site.mirror_url.startswith("ssh://"):
-        drop.add(step_check_mirror)  # a local mirror folder has nothing to check in advance
+    if exports.step_push in drop or exports.registry(ctx) is None:
+        drop.add(step_check_registry)
     return [s for s in steps if s[1] not in drop]
 
 
@@ -527,7 +554,8 @@ def render_only(root: Path, opts: BuildOptions, reporter: Reporter) -> Path:
         patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             upto = [s[1] for s in BUILD_STEPS].index(step_render) + 1
-            steps = [s for s in BUILD_STEPS[:upto] if s[1] is not step_check_mirror]
+            steps = [s for s in BUILD_STEPS[:upto]
+                     if s[1] not in (step_check_mirror, step_check_registry)]
             for name, step in backend_steps(ctx, mode_steps(ctx, steps)):
                 with reporter.step(name):
                     step(ctx, stack)

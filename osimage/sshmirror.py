@@ -49,6 +49,7 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_WRITE, int64
 from osimage import netreason
 from osimage.artifacts import Artifact, ThreadedHasher, parse_checksum_file
 from osimage.errors import BuildError, ConfigError, FactoryError
+from osimage.mirror import SSHLocation
 from osimage.runner import check_interrupted
 
 # aes128-gcm is the fastest cipher paramiko speaks (AES-NI, no separate MAC); the others are
@@ -66,42 +67,9 @@ DISK_FULL_SLACK = 4 * REQUEST_SIZE
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 # known_hosts stores RSA keys as ssh-rsa; the handshake names their signature algorithms
 KEY_ALGORITHMS = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
+KEY_TYPE_PREFIXES = ("ssh-", "ecdsa-", "sk-")  # OpenSSH's; paramiko knows only some of them
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class SSHLocation:
-    user: str
-    host: str
-    port: int
-    root: str
-
-    @classmethod
-    def parse(cls, url: str) -> SSHLocation:
-        parts = urllib.parse.urlsplit(url)
-        try:
-            port = parts.port or 22
-        except ValueError:
-            raise ConfigError(f"mirror.url: {url!r}: bad port") from None
-        if parts.scheme != "ssh" or not parts.hostname or not parts.path.startswith("/"):
-            raise ConfigError(f"mirror.url: {url!r}: expected ssh://USER@HOST[:PORT]/ROOT")
-        if parts.password is not None:
-            raise ConfigError("mirror.url: no passwords in the URL: the mirror is reached "
-                              "with a key (mirror.identity_file or ssh-agent)")
-        if parts.query or parts.fragment:
-            raise ConfigError(f"mirror.url: {url!r}: no query or fragment allowed")
-        root = posixpath.normpath(urllib.parse.unquote(parts.path))
-        return cls(user=urllib.parse.unquote(parts.username or "root"), host=parts.hostname,
-                   port=port, root=root)
-
-    @property
-    def known_hosts_name(self) -> str:
-        """How OpenSSH names this host in known_hosts."""
-        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-
-    def __str__(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
 
 
 @dataclass
@@ -282,17 +250,23 @@ class SSHMirror:
             if not path.is_file():
                 continue
             try:
-                hostkeys.load(str(path))
                 text = path.read_text(errors="replace")
-            except (OSError, paramiko.SSHException) as e:
+            except OSError as e:
                 raise BuildError(f"{path}: cannot read known hosts: {_reason(e)}") from None
-            for line in text.splitlines():
-                fields = line.split()
-                if len(fields) >= 4 and fields[0] == "@revoked":
-                    with contextlib.suppress(ValueError):
-                        revoked.append(base64.b64decode(fields[3]))
-        entry = hostkeys.lookup(self.location.known_hosts_name)
-        known = {name: entry[name] for name in entry} if entry is not None else {}
+            for number, line in enumerate(text.splitlines(), 1):
+                entry = _known_hosts_line(line, f"{path}:{number}")
+                if entry is None:
+                    continue
+                marker, names, key_type, blob = entry
+                if marker == "@revoked":
+                    revoked.append(blob)
+                elif marker is None:
+                    with contextlib.suppress(paramiko.SSHException, ValueError):
+                        key = paramiko.PKey.from_type_string(key_type, blob)
+                        for name in names:
+                            hostkeys.add(name, key_type, key)
+        entry_ = hostkeys.lookup(self.location.known_hosts_name)
+        known = {name: entry_[name] for name in entry_} if entry_ is not None else {}
         return known, revoked
 
     def _key_types(self, offered: Sequence[str]) -> list[str]:
@@ -358,47 +332,81 @@ class SSHMirror:
                                  f"{_reason(e)}") from None
             return transport.is_authenticated()
 
-        if self.identity_file is not None:
-            if attempt(self._load_key(self.identity_file), str(self.identity_file)):
-                return
-        else:
-            try:
-                agent = paramiko.Agent()
-            except (paramiko.SSHException, OSError):
-                agent = None  # SSH_AUTH_SOCK names a dead agent: go on with the key files
-            try:
-                for key in agent.get_keys() if agent is not None else ():
-                    if attempt(key, f"agent key {fingerprint(key)}"):
+        locked: list[Path] = []  # passphrase-protected key files the agent could not stand in for
+        agent_socket = os.environ.get("SSH_AUTH_SOCK")
+        try:
+            agent: paramiko.Agent | None = paramiko.Agent()
+        except (paramiko.SSHException, OSError):
+            agent = None  # SSH_AUTH_SOCK names a dead agent: go on with the key files
+        try:
+            agent_keys = list(agent.get_keys()) if agent is not None else []
+            if self.identity_file is not None:
+                key = self._load_key(self.identity_file)
+                if key is not None:
+                    if attempt(key, str(self.identity_file)):
                         return
-            finally:
-                if agent is not None:
-                    agent.close()
-            for name in DEFAULT_KEYS:
-                path = Path("~/.ssh").expanduser() / name
-                if path.is_file():
+                else:  # as OpenSSH does: the agent's copy of a protected identity file
+                    public = _public_blob(self.identity_file)
+                    for agent_key in agent_keys:
+                        if public in (None, agent_key.asbytes()) and attempt(
+                                agent_key, f"agent key {fingerprint(agent_key)}"):
+                            return
+                    locked.append(self.identity_file)
+            else:
+                for agent_key in agent_keys:
+                    if attempt(agent_key, f"agent key {fingerprint(agent_key)}"):
+                        return
+                for name in DEFAULT_KEYS:
+                    path = Path("~/.ssh").expanduser() / name
+                    if not path.is_file():
+                        continue
                     try:
                         default_key = paramiko.PKey.from_path(path)
-                    except (paramiko.SSHException, OSError, ValueError):
-                        continue  # passphrase-protected or unreadable: the agent has it or not
+                    except (paramiko.SSHException, OSError, ValueError, TypeError) as e:
+                        if _passphrase_protected(e):
+                            locked.append(path)
+                        continue  # unreadable or not a key: OpenSSH skips it too
                     if attempt(default_key, str(path)):
                         return
+        finally:
+            if agent is not None:
+                agent.close()
+        if locked:
+            why = ("no ssh-agent is running (SSH_AUTH_SOCK is not set)" if not agent_socket
+                   else "the ssh-agent does not hold it" if agent is not None
+                   else f"the ssh-agent at {agent_socket} does not answer")
+            raise BuildError(
+                f"mirror {loc}: the key {locked[0]} is passphrase-protected and {why}",
+                hint=f"start ssh-agent and add the key (eval \"$(ssh-agent)\"; ssh-add "
+                     f"{locked[0]}), or set mirror.identity_file to an unencrypted deploy key")
         raise BuildError(f"mirror {loc} refused authentication as {loc.user} "
                          f"(tried: {', '.join(tried) or 'no key found'})",
                          hint=f"add the build host's public key to {loc.user}'s "
                               "authorized_keys on the mirror, or set mirror.identity_file")
 
-    def _load_key(self, path: Path) -> paramiko.PKey:
+    @staticmethod
+    def _load_key(path: Path) -> paramiko.PKey | None:
+        """The private key in mirror.identity_file; None if it is passphrase-protected."""
         try:
-            return paramiko.PKey.from_path(path)
-        except paramiko.PasswordRequiredException:
-            raise BuildError(f"mirror.identity_file {path} is passphrase-protected",
-                             hint="load it into ssh-agent (ssh-add) and remove "
-                                  "mirror.identity_file from the site file") from None
+            with path.open("rb") as f:
+                head = f.read(64)
         except FileNotFoundError:
             raise BuildError(f"mirror.identity_file {path} does not exist") from None
-        except (paramiko.SSHException, OSError, ValueError) as e:
+        except OSError as e:
+            raise BuildError(f"mirror.identity_file {path}: cannot read it: {_reason(e)}"
+                             ) from None
+        if head.startswith((b"ssh-", b"ecdsa-", b"sk-", b"---- BEGIN SSH2 PUBLIC KEY")):
+            private = path.with_suffix("") if path.suffix == ".pub" else None
+            raise BuildError(f"mirror.identity_file {path} is a public key; it must name the "
+                             "private key" + (f" ({private})" if private else ""),
+                             hint="the public half goes into authorized_keys on the mirror")
+        try:
+            return paramiko.PKey.from_path(path)
+        except (paramiko.SSHException, OSError, ValueError, TypeError) as e:
+            if _passphrase_protected(e):
+                return None
             raise BuildError(f"mirror.identity_file {path}: not a usable private key: "
-                             f"{_reason(e)}") from None
+                             f"{_reason(e).split('. See ')[0]}") from None
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -608,8 +616,14 @@ class SSHMirror:
                 try:
                     sftp.mkdir(current, 0o755)
                     continue
-                except OSError:
-                    mode = sftp.stat(current).st_mode or 0  # made meanwhile, or a real error
+                except OSError as e:
+                    try:  # made meanwhile by another publish, or a real error
+                        mode = sftp.stat(current).st_mode or 0
+                    except FileNotFoundError:
+                        raise BuildError(
+                            f"mirror {self.location}: cannot create {current}: {_reason(e)}",
+                            hint=f"{self.location.user} needs write access to "
+                                 f"{posixpath.dirname(current)} on the mirror") from None
             if not stat.S_ISDIR(mode):
                 raise BuildError(f"mirror {self.location}: {current} is not a folder")
 
@@ -661,6 +675,44 @@ class _Wire:
         if kind != CMD_EXTENDED_REPLY or msg is None:
             return None
         return tuple(msg.get_int64() for _ in range(5))
+
+
+def _passphrase_protected(e: BaseException) -> bool:
+    """paramiko 5 says so with a TypeError from cryptography, older ones with their own."""
+    return isinstance(e, paramiko.PasswordRequiredException) or (
+        isinstance(e, TypeError) and "password" in str(e).lower())
+
+
+def _public_blob(private: Path) -> bytes | None:
+    """The key blob of PRIVATE.pub, if that file is there and readable."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return base64.b64decode(private.with_name(private.name + ".pub").read_text().split()[1])
+    return None
+
+
+def _known_hosts_line(line: str,
+                      where: str) -> tuple[str | None, list[str], str, bytes] | None:
+    """(marker, host patterns, key type, key blob) of one known_hosts line, None for a blank
+    line or a comment; BuildError naming FILE:LINE for a line OpenSSH could not use either."""
+    fields = line.split()
+    if not fields or fields[0].startswith("#"):
+        return None
+    marker = fields.pop(0) if fields[0].startswith("@") else None
+    if marker not in (None, "@revoked", "@cert-authority"):
+        raise BuildError(f"{where}: broken known_hosts line: unknown marker {marker!r}",
+                         hint="correct or delete that line")
+    if len(fields) < 3:
+        raise BuildError(f"{where}: broken known_hosts line: expected HOSTS KEY-TYPE KEY, "
+                         f"found {len(fields)} field(s)", hint="correct or delete that line")
+    if not fields[1].startswith(KEY_TYPE_PREFIXES):
+        raise BuildError(f"{where}: broken known_hosts line: {fields[1]!r} is not a key type",
+                         hint="correct or delete that line")
+    try:
+        blob = base64.b64decode(fields[2], validate=True)
+    except ValueError:
+        raise BuildError(f"{where}: broken known_hosts line: the {fields[1]} key is not "
+                         "valid base64", hint="correct or delete that line") from None
+    return marker, fields[0].split(","), fields[1], blob
 
 
 def _checksum_text(a: Artifact) -> str:

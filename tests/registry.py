@@ -3,6 +3,8 @@ with its own config, filesystem storage in a private folder, on a free port, pla
 
     with Registry() as reg:
         reg.host          # "127.0.0.1:PORT": skopeo ... --dest-tls-verify=false docker://HOST/...
+
+    Registry(login=("builder", "secret")) asks for that login (htpasswd, bcrypt) on every request.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
@@ -23,8 +26,9 @@ START_TIMEOUT = 10.0
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, login: tuple[str, str] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="osimage-registry-"))
+        self.login = login
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -44,7 +48,7 @@ class Registry:
                 "version: 0.1\n"
                 "log: {level: warn}\n"
                 f"storage:\n  filesystem: {{rootdirectory: {self.dir / 'data'}}}\n"
-                f"http:\n  addr: 127.0.0.1:{self.port}\n")
+                f"http:\n  addr: 127.0.0.1:{self.port}\n" + self._auth_config())
             log = (self.dir / "registry.log").open("ab")
             self._proc = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -53,6 +57,17 @@ class Registry:
                 return
             self.stop()
         raise RuntimeError(f"docker-registry did not start: {self.dir / 'registry.log'}")
+
+    def _auth_config(self) -> str:
+        if self.login is None:
+            return ""
+        import bcrypt
+
+        user, password = self.login
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()
+        (self.dir / "htpasswd").write_text(f"{user}:{hashed}\n")
+        return (f"auth:\n  htpasswd:\n    realm: osimage-test\n"
+                f"    path: {self.dir / 'htpasswd'}\n")
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
@@ -64,6 +79,10 @@ class Registry:
                 with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1) as r:
                     if r.status == 200:
                         return True
+            except urllib.error.HTTPError as e:
+                if e.code == 401 and self.login is not None:
+                    return True  # it answers, and asks for the login
+                time.sleep(0.1)
             except OSError:
                 time.sleep(0.1)
         return False
