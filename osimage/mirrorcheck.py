@@ -18,18 +18,17 @@ import os
 import posixpath
 import secrets
 import shutil
-import socket
 import stat
 import tempfile
 import urllib.parse
 from typing import TYPE_CHECKING, NamedTuple
 
+from osimage import netreason
 from osimage.errors import BuildError
 from osimage.mirror import LocalMirror, Mirror
 
 if TYPE_CHECKING:
     import paramiko
-    import requests
 
     from osimage.sshmirror import SSHMirror
 
@@ -204,7 +203,7 @@ def _read_probe_over_http(mirror: SSHMirror, probe: str, token: str) -> None:
                           headers={"Cache-Control": "no-cache"}) as r:
             status, reason, body = r.status_code, r.reason, r.content
     except requests.RequestException as e:
-        raise BuildError(f"mirror.http {mirror.http_base}: {http_reason(e)}",
+        raise BuildError(f"mirror.http {mirror.http_base}: {netreason.reason(e)}",
                          hint="check mirror.http and that the mirror's web server runs"
                          ) from None
     if status == 404:
@@ -216,27 +215,4 @@ def _read_probe_over_http(mirror: SSHMirror, probe: str, token: str) -> None:
         raise BuildError(f"mirror.http {mirror.http_base} does not serve the mirror root: "
                          f"{url} has other content than the file written over SSH", hint=hint)
 
-
-def http_reason(e: requests.RequestException) -> str:
-    """Why a request failed, in a user's words ('connection refused'), not urllib3's."""
-    import requests
-
-    if isinstance(e, requests.Timeout):
-        return "timed out"
-    seen: set[int] = set()
-    todo: list[BaseException] = [e]
-    while todo:
-        cause = todo.pop(0)
-        if id(cause) in seen:
-            continue
-        seen.add(id(cause))
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, socket.gaierror):
-            return "unknown host"
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror.lower()
-        todo += [c for c in (cause.__cause__, cause.__context__, getattr(cause, "reason", None),
-                             *cause.args) if isinstance(c, BaseException)]
-    return "connection failed" if isinstance(e, requests.ConnectionError) else type(e).__name__
 

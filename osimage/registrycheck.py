@@ -17,9 +17,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from osimage import exports
+from osimage import exports, netreason
 from osimage.errors import BuildError, ConfigError
-from osimage.mirrorcheck import http_reason
 
 if TYPE_CHECKING:
     import requests
@@ -98,7 +97,7 @@ def check(host: str, tls_verify: bool, login: tuple[str, str] | None) -> str:
         else:
             got = _get(f"{base}/v2/", tls_verify, auth=login)
     except requests.RequestException as e:
-        raise BuildError(f"registry {host}: logging in failed: {http_reason(e)}") from None
+        raise BuildError(f"registry {host}: logging in failed: {netreason.reason(e)}") from None
     if got.status_code in (401, 403):
         raise BuildError(f"registry {host} refused the credentials of {login[0]!r} "
                          f"({got.status_code} {got.reason})", hint=CREDENTIALS_HINT)
@@ -119,7 +118,7 @@ def _v2(host: str, tls_verify: bool) -> tuple[str, requests.Response]:
         except requests.RequestException as e:
             failure = e
     assert failure is not None
-    raise BuildError(f"registry {host}: {http_reason(failure)}",
+    raise BuildError(f"registry {host}: {netreason.reason(failure)}",
                      hint="check registry.url in the site file and that the registry runs")
 
 

@@ -31,6 +31,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import os
 import posixpath
 import socket
 import stat

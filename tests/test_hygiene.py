@@ -22,7 +22,7 @@ import pytest
 from osimage import pipeline
 from osimage.ui import Reporter
 from tests.conftest import build_py, git
-from tests.servers import SSHServer
+from tests.servers import HTTPServer, SSHServer
 
 SECRET = "s3cret-registry-password"
 
@@ -166,10 +166,10 @@ def test_environment_does_not_trust_a_new_host_key(repo: Path, tmp_path: Path) -
                        "[ \"$1\" = build ] && { echo injected failure; exit 1; }\n"
                        f"exec {real} \"$@\"\n")
     failing.chmod(0o755)
-    with SSHServer() as ssh:
+    with SSHServer() as ssh, HTTPServer(ssh.root) as http:
         site = tmp_path / "site.yaml"
         site.write_text(f"packer:\n  binary: {failing}\nmirror:\n  url: {ssh.url}\n"
-                        f"  http: http://127.0.0.1:9/\n  identity_file: {ssh.client_key}\n"
+                        f"  http: {http.url}/\n  identity_file: {ssh.client_key}\n"
                         f"  known_hosts: {known}\n")
         proc = build_py(repo, "smoke", "--site", str(site),
                         env={"OSIMAGE_ACCEPT_NEW_HOST_KEY": "1"})
