@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from filelock import FileLock
-
 from osimage.errors import BuildError, ConfigError
+from osimage.fsutil import waiting_lock
 from osimage.netreason import http_status
 from osimage.netreason import reason as _reason
 from osimage.runner import check_interrupted
@@ -201,7 +200,8 @@ def fetch(src: Source, path: str, sha256: str, size: int | None, cache: Path,
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / sha256
     t0 = time.monotonic()
-    with FileLock(str(cache / f"{sha256}.lock")):
+    with waiting_lock(cache / f"{sha256}.lock",
+                      lambda: say(f"    waiting for another download of {path}")):
         if final.is_file():
             return Fetched(final, 0, 0, 0.0)
         part = _Part(cache / f"{sha256}.part")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -40,21 +41,30 @@ def atomic_writer(path: Path, mode: int = 0o644) -> Iterator[IO[bytes]]:
 
 
 @contextlib.contextmanager
-def waiting_lock(path: Path, waiting: Callable[[], None]) -> Iterator[None]:
-    """Hold the file lock at path; if another process has it, call waiting() once and wait,
-    still answering Ctrl-C (a blocking acquire would not)."""
+def waiting_lock(path: Path, waiting: Callable[[], None] = lambda: None,
+                 timeout: float | None = None, what: str | None = None) -> Iterator[None]:
+    """Hold the file lock at path; if another process has it, call waiting() once and wait
+    (at most timeout seconds), still answering Ctrl-C (a blocking acquire would not).
+    Every way the lock cannot be had is one BuildError naming it (what, else the path)."""
     from filelock import FileLock, Timeout
 
     from osimage.runner import check_interrupted
 
     lock = FileLock(str(path))
+    shown = what or str(path)
     try:
         try:
             lock.acquire(timeout=0)
         except Timeout:
             waiting()
+            deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 check_interrupted()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise BuildError(f"{shown}: still locked by another command after "
+                                     f"{timeout:.0f} s ({path})",
+                                     hint="wait for it to finish, then run this again"
+                                     ) from None
                 with contextlib.suppress(Timeout):
                     lock.acquire(timeout=0.5)
                     break

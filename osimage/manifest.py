@@ -10,16 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from osimage.errors import ConfigError
-from osimage.fsutil import atomic_write_text
+from osimage.fsutil import atomic_write_text, waiting_lock
 
 LOCK_TIMEOUT = 120.0
 
 
-def lock_for(path: Path) -> FileLock:
-    return FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT)
+def lock_path(path: Path) -> Path:
+    return Path(str(path) + ".lock")
 
 
 def read(path: Path) -> dict[str, Any]:
@@ -40,7 +38,7 @@ def dumps(data: dict[str, Any]) -> str:
 
 def update(path: Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """Read, change and atomically rewrite the manifest while holding its lock."""
-    with lock_for(path):
+    with waiting_lock(lock_path(path), timeout=LOCK_TIMEOUT, what=str(path)):
         # Under the lock, a temp file can only be left by a writer that was killed.
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)

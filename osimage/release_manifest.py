@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from osimage import config, manifest
 from osimage.errors import ConfigError, FactoryError
-from osimage.fsutil import atomic_write_text
+from osimage.fsutil import atomic_write_text, waiting_lock
 from osimage.gitstate import RELEASE
 from osimage.runner import child_env
 
@@ -206,7 +204,7 @@ def dumps(doc: Any) -> str:
     return out.getvalue()
 
 
-def lock_for(root: Path) -> FileLock:
+def lock_for(root: Path) -> Path:
     """The lock of manifest.yaml. It lives in the git directory: a lock file in manifests/
     would be an untracked file, and an untracked file makes the next build -dirty."""
     proc = subprocess.run(["git", "-C", str(root), "rev-parse", "--git-path",
@@ -215,19 +213,12 @@ def lock_for(root: Path) -> FileLock:
     if proc.returncode != 0:
         raise ConfigError(f"{root}: not inside a git repository")
     lock = Path(proc.stdout.strip())
-    return FileLock(str(lock if lock.is_absolute() else root / lock),
-                    timeout=manifest.LOCK_TIMEOUT)
+    return lock if lock.is_absolute() else root / lock
 
 
 def edit(root: Path, change: Callable[[Any], None]) -> str:
     """Re-read, change and atomically rewrite manifest.yaml while holding its lock."""
-    lock = lock_for(root)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise ReleaseError(f"{MANIFEST}: still locked by another command after "
-                           f"{manifest.LOCK_TIMEOUT:.0f} s ({lock.lock_file})") from None
-    try:
+    with waiting_lock(lock_for(root), timeout=manifest.LOCK_TIMEOUT, what=MANIFEST):
         current = load(root)
         # Under the lock, a temp file can only be left by a writer that was killed.
         for stale in current.path.parent.glob(f".{current.path.name}.*.tmp"):
@@ -237,8 +228,6 @@ def edit(root: Path, change: Callable[[Any], None]) -> str:
         _parse(text)  # never write a file the next command would refuse to read
         atomic_write_text(current.path, text)
         return text
-    finally:
-        lock.release()
 
 
 def put(container: Any, key: Any, value: Any) -> None:

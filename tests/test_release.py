@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
 from osimage import release
 from tests.conftest import PROJECT, git
@@ -438,7 +439,7 @@ def test_writes_wait_for_the_lock(repo: Path, mirror: Mirror,
     add_build(repo, "smoke", "1.0", mirror=mirror.folder)
     before = manifest_text(repo)
     codes: list[int] = []
-    lock = release.lock_for(repo)
+    lock = FileLock(str(release.lock_for(repo)))
     with lock:
         worker = threading.Thread(target=lambda: codes.append(release_set(mirror)))
         worker.start()
@@ -480,3 +481,19 @@ def test_writes_are_atomic(repo: Path, mirror: Mirror, capsys: pytest.CaptureFix
     assert run(capsys, "release", "record", "2.0.0", "smoke", "--mirror-url", mirror.url)[0] == 0
     assert path.stat().st_ino != inode  # a new file renamed into place
     assert os.listdir(path.parent) == ["manifest.yaml"]
+
+
+def test_a_release_lock_that_cannot_be_taken_is_one_line(
+        repo: Path, mirror: Mirror, capsys: pytest.CaptureFixture[str]) -> None:
+    """The lock of manifests/manifest.yaml is a folder: one error line, no traceback."""
+    add_build(repo, "smoke", "1.0", mirror=mirror.folder)
+    before = manifest_text(repo)
+    lock = release.lock_for(repo)
+    lock.unlink(missing_ok=True)
+    lock.mkdir(parents=True)
+    code = release_set(mirror)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: cannot take the lock {lock}: Is a directory"]
+    assert "Traceback" not in err and manifest_text(repo) == before

@@ -199,3 +199,36 @@ def test_bad_input_exits_2(repo: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_no_manifests_is_tidy(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "tidy", "--check") == (0, "", "")
     assert run(capsys, "tidy") == (0, "", "")
+
+
+def test_a_manifest_lock_that_cannot_be_taken_is_one_line(
+        repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The lock of images/IMAGE/manifest.json is a folder: one error line naming it, no
+    traceback, the manifest unchanged."""
+    add_build(repo, "smoke", "1.0")
+    add_build(repo, "smoke", "1.1", dirty=True)
+    path = repo / "images" / "smoke" / "manifest.json"
+    before = path.read_bytes()
+    lock = manifest.lock_path(path)
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    code, _, err = run(capsys, "tidy")
+    assert code == 1
+    assert err.splitlines()[0] == f"error: cannot take the lock {lock}: Is a directory"
+    assert "Traceback" not in err
+    assert path.read_bytes() == before
+
+
+def test_a_held_manifest_lock_times_out_naming_the_file(
+        repo: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from filelock import FileLock
+
+    add_build(repo, "smoke", "1.0")
+    add_build(repo, "smoke", "1.1", dirty=True)
+    path = repo / "images" / "smoke" / "manifest.json"
+    monkeypatch.setattr(manifest, "LOCK_TIMEOUT", 1.0)
+    with FileLock(str(manifest.lock_path(path))):
+        code, _, err = run(capsys, "tidy")
+    assert code == 1
+    assert err.splitlines()[0] == (f"error: {path}: still locked by another command after 1 s "
+                                   f"({manifest.lock_path(path)})")
