@@ -15,6 +15,7 @@ import json
 import re
 import shlex
 import shutil
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,13 @@ class Literal(str):
 
 def hcl_value(value: Any) -> str:
     """A Python value as an HCL literal. HCL strings are JSON strings in which ${ and %{ start
-    template sequences, so those are escaped as $${ and %%{."""
+    template sequences; their $ and % are written \\u0024 and \\u0025, which HCL decodes after
+    it has looked for templates. (HCL's own $${ and %%{ would do for Packer, but python-hcl2
+    8.1 keeps them as they are, and fails on a $${ without a closing brace.)"""
     if isinstance(value, str):
         body = "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or c == "\x7f"
                                            else c) for c in value)
-        return '"' + _TEMPLATE_SEQ.sub(lambda m: m.group(1) * 2 + "{", body) + '"'
+        return '"' + _TEMPLATE_SEQ.sub(lambda m: f"\\u{ord(m.group(1)):04x}{{", body) + '"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -59,6 +62,7 @@ def _finalize(value: Any) -> str:
     return value if isinstance(value, Literal) else hcl_value(value)
 
 
+@cache
 def environment(templates: Path) -> Any:
     import jinja2
 
