@@ -22,6 +22,7 @@ from typing import Any
 from osimage.errors import BuildError, ConfigError
 
 _TEMPLATE_SEQ = re.compile(r"([$%])\{")
+_PLAIN = re.compile(r"[A-Za-z0-9 ._+:/@=,()-]*")
 # HCL knows \n \r \t \" \\ and \uNNNN; JSON's \b and \f would not parse.
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
 # Fields Packer reads as Go templates by design: the image's boot_command (documented as one)
@@ -58,6 +59,12 @@ def hcl_value(value: Any) -> str:
     raise TypeError(f"no HCL literal for {type(value).__name__}")
 
 
+def hcl_comment(value: Any) -> str:
+    """Text for a # comment: as it is when it is plain, else as an HCL literal (one line)."""
+    text = str(value)
+    return text if _PLAIN.fullmatch(text) else hcl_value(text)
+
+
 def _finalize(value: Any) -> str:
     return value if isinstance(value, Literal) else hcl_value(value)
 
@@ -76,6 +83,7 @@ def environment(templates: Path) -> Any:
         finalize=_finalize,
     )
     env.filters["hcl"] = lambda value: Literal(hcl_value(value))
+    env.filters["comment"] = lambda value: Literal(hcl_comment(value))
     return env
 
 

@@ -291,9 +291,9 @@ def _file_destination(r: Rendered, value: Any) -> None:
 
 
 def _comment(r: Rendered, value: Any) -> None:
-    from osimage.render import hcl_value
+    from osimage.render import hcl_comment
 
-    assert f"  # {hcl_value(value)}\n" in r.text
+    assert f"  # {hcl_comment(value)}\n" in r.text
 
 
 def _env_value(r: Rendered, value: Any) -> None:
@@ -462,6 +462,13 @@ def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
     return errors[0]
+
+
+def test_comments_hold_plain_text_or_a_literal() -> None:
+    from osimage.render import hcl_comment
+
+    assert hcl_comment("qemu+ssh://root@kvm01/system") == "qemu+ssh://root@kvm01/system"
+    assert hcl_comment("a\nb = 1 */ ${x}") == '"a\\nb = 1 */ \\u0024{x}"'
 
 
 def test_release_with_a_trailing_newline_is_refused(repo: Path) -> None:
