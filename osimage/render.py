@@ -107,6 +107,15 @@ def check_packer_literals(value: Any, template: str, where: str = "") -> None:
             check_packer_literals(v, template, f"{where}[{i}]")
 
 
+def _write(path: Path, text: str, provisioner: str) -> None:
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"provisioner '{provisioner}': {e.object[e.start:e.end]!r} in its "
+                          f"environment or commands is not valid Unicode") from None
+    path.write_bytes(data)
+
+
 def provision_files(provisioners: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
     """Write what Packer must not read as a template into folder, for it to upload as it is:
     each shell provisioner's environment as a file of shell-quoted exports (sourced by its
@@ -123,20 +132,20 @@ def provision_files(provisioners: list[dict[str, Any]], folder: Path) -> list[di
         if p["type"] == "shell":
             if "inline" in p:
                 script = folder / f"{stem}.sh"
-                script.write_text("#!/bin/sh -e\n" + "".join(f"{c}\n" for c in p.pop("inline")),
-                                  encoding="utf-8")
+                _write(script, "#!/bin/sh -e\n" + "".join(f"{c}\n" for c in p.pop("inline")),
+                       p["name"])
                 p.update(script=str(script), binary=True)
             env_file = folder / f"{stem}.env"
-            env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env),
-                                encoding="utf-8")
+            _write(env_file, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env),
+                   p["name"])
             remote = REMOTE_ENV.format(index=index)
             p.update(env_file=str(env_file), env_dest=remote,
                      execute_command=f"chmod +x {{{{.Path}}}}; . {remote}; rm -f {remote}; "
                                      f"{{{{.Vars}}}} {{{{.Path}}}}")
         elif p["type"] == "ansible":
             variables = folder / f"{stem}.json"
-            variables.write_text(json.dumps({k: {"__ansible_unsafe": v} for k, v in env},
-                                            indent=1) + "\n", encoding="utf-8")
+            _write(variables, json.dumps({k: {"__ansible_unsafe": v} for k, v in env},
+                                         indent=1, ensure_ascii=False) + "\n", p["name"])
             p["extra_vars_file"] = str(variables)
         out.append(p)
     return out

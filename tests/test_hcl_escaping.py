@@ -464,6 +464,16 @@ def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
     return errors[0]
 
 
+@pytest.mark.parametrize("field,value", [
+    ("provisioners.0", {**SHELL, "environment": {"V": "x\ud800"}}),
+    ("provisioners.0", {"name": "i", "type": "shell", "inline": ["echo \udfff"]}),
+    ("shutdown_command", "poweroff \ud800"),
+])
+def test_text_that_is_not_unicode_is_refused(prop_root: Path, field: str, value: Any) -> None:
+    """YAML's "\\ud800" is a lone surrogate, which no file can hold: exit 2, no traceback."""
+    assert render_with(prop_root, _with(BASE_IMAGE, field, value)) is None
+
+
 def test_comments_hold_plain_text_or_a_literal() -> None:
     from osimage.render import hcl_comment
 
