@@ -217,6 +217,7 @@ def render_with(root: Path, image: dict[str, Any], site: dict[str, Any] | None =
     try:
         opts = pipeline.BuildOptions(image="smoke", release=release, skip_commit=True)
         ctx = pipeline.prepare(root, opts, Reporter(quiet=True))
+        ctx.create_patches = "create" in image.get("patches", {})
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             pipeline.step_source(ctx, stack)
@@ -308,6 +309,23 @@ def _env_name(r: Rendered, value: Any) -> None:
     assert _shell_env(files[0])[value] == "v"
 
 
+def _env_of(step: str) -> Check:
+    def check(r: Rendered, value: Any) -> None:
+        env = next(body["source"] for t, body in r.provisioners
+                   if t == "file" and body["source"].endswith(f"-{step}.env"))
+        assert _shell_env(env)["V"] == value
+    return check
+
+
+def _downloaded_from(r: Rendered, value: Any) -> None:
+    assert any(body.get("source") == value for t, body in r.provisioners
+               if t == "file" and body.get("direction") == "download")
+
+
+def _http_directory(r: Rendered, value: Any) -> None:
+    assert r.source["http_directory"] == str(r.image_dir / value)
+
+
 def _inline(r: Rendered, value: Any) -> None:
     script = next(body["script"] for t, body in r.provisioners if t == "shell")
     assert Path(script).read_bytes().decode() == "#!/bin/sh -e\n" + value + "\n"
@@ -337,6 +355,9 @@ def _field(field: str, base: dict[str, Any], make: Make, check: Check, pick: Pic
     return field, base, make, check, pick, create
 
 
+CREATE = _with(BASE_IMAGE, "patches", {"create": {"script": "patches/create.sh",
+                                                  "output": "/tmp/out/p.tar.gz"}})
+ROOTFS = _with(BASE_IMAGE, "outputs", {"disk": {}, "rootfs": {"script": "provision/marker.sh"}})
 IMAGE_FIELDS = [
     _field("source.iso", ISO_IMAGE, lambda s: "http://mirror.invalid/" + s,
            _source_field("iso_url")),
@@ -370,6 +391,11 @@ IMAGE_FIELDS = [
     _field("provisioners.0", BASE_IMAGE,
            lambda s: {"name": "a", "type": "ansible", "playbook": "provision/marker.sh",
                       "environment": {"V": s}}, _ansible_var, lambda d: d["environment"]["V"]),
+    _field("http_directory", BASE_IMAGE, lambda s: "h" + s, _http_directory, create="/"),
+    _field("patches.create.output", CREATE, lambda s: "/tmp/" + s, _downloaded_from),
+    _field("patches.create.environment", CREATE, lambda s: {"V": s}, _env_of("patches-create"),
+           lambda d: d["V"]),
+    _field("outputs.rootfs.path", ROOTFS, lambda s: "/var/tmp/" + s, _downloaded_from),
 ]
 
 
@@ -384,8 +410,9 @@ def test_image_field_is_refused_or_parsed_back_exactly(
         prop_root: Path, field: str, base: dict[str, Any], make: Make, check: Check, pick: Pick,
         create: str, text: str) -> None:
     value = make(text)
-    files = () if not create else (value if create == "." else value[create],)
-    r = render_with(prop_root, _with(base, field, value), create=files)
+    files = () if create in ("", "/") else (value if create == "." else value[create],)
+    r = render_with(prop_root, _with(base, field, value), create=files,
+                    folder=value if create == "/" else None)
     if r is not None:
         check(r, pick(_get(r.image, field)))
 
@@ -404,6 +431,10 @@ def _libvirt_nic(field: str) -> Check:
     return check
 
 
+def _plugin_version(r: Rendered, value: Any) -> None:
+    assert r.parsed["packer"][0]["required_plugins"][0]["libvirt"]["version"] == "= " + value
+
+
 LIBVIRT = {"backend": "libvirt", "libvirt": {"uri": "qemu:///system", "pool": "images"}}
 SITE_FIELDS = [
     _field("build_dir", {}, lambda s: "b/" + s, _output_directory),
@@ -416,6 +447,7 @@ SITE_FIELDS = [
     _field("libvirt.pool", LIBVIRT, SAME, _libvirt_pool),
     _field("libvirt.network", LIBVIRT, SAME, _libvirt_nic("network")),
     _field("libvirt.bridge", LIBVIRT, SAME, _libvirt_nic("bridge")),
+    _field("libvirt.plugin_version", LIBVIRT, lambda s: "0.5.0" + s, _plugin_version),
 ]
 
 
