@@ -19,7 +19,7 @@ from typing import Any
 from osimage.errors import ConfigError
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
-IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+IMAGE_NAME = re.compile(r"\A[a-z0-9][a-z0-9._-]*\Z")  # whole: no trailing newline
 
 DEFAULT_SITE: dict[str, Any] = {
     "backend": "qemu",
@@ -152,7 +152,8 @@ def _format_error(err: Any, schema: dict[str, Any]) -> list[str]:
     if v == "enum":
         return [enum_message(where, err.instance, err.validator_value)]
     if v == "pattern":
-        hint = _schema_at(schema, parts).get("x-hint") or f"must match {err.validator_value}"
+        hint = (err.schema.get("x-hint") or _schema_at(schema, parts).get("x-hint")
+                or f"must match {err.validator_value}")
         return [f"{where}: {err.instance!r} is not valid: {hint}"]
     if v in ("oneOf", "anyOf") and isinstance(err.instance, dict):
         if parts == ["source"] or (parts and parts[-1] == "source") or parts[:1] == ["sources"]:

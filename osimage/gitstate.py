@@ -14,7 +14,8 @@ from osimage.runner import child_env
 # A build writes its record into images/NAME/manifest.json; that file is the build's output,
 # not an input, so it never makes the tree dirty.
 NOT_INPUTS = ("images/*/manifest.json",)
-RELEASE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
+# \Z, not $: $ also matches before a trailing newline, and a name must match whole.
+RELEASE = re.compile(r"\A[0-9A-Za-z][0-9A-Za-z._+-]{0,63}\Z")
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,8 @@ def template_variables(ctx: BuildContext) -> dict[str, Any]:
     provisioners = patches.provisioners(ctx, provisioners, env)
     provisioners = payload.provisioners(ctx, provisioners)
     provisioners = exports.provisioners(ctx, provisioners)  # the rootfs tar, last
+    # environments, inline commands and Ansible variables as files Packer uploads unread
+    provisioners = render.provision_files(provisioners, ctx.work_dir / "provision")
     assert ctx.key_file is not None
     qemu = ctx.site.data["qemu"]
     ssh = data.get("ssh", {})

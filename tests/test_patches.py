@@ -540,7 +540,9 @@ def test_render_with_and_without_patches(repo: Path, tmp_path: Path, mirror_http
     assert cached.read_bytes() == tarball.read_bytes()
     hcl = (repo / first.stdout.strip()).read_text()
     assert hcl.index("# patches-upload") < hcl.index("# patches-apply") < hcl.index("# marker")
-    assert f'"OSIMAGE_PATCHES_SHA256={sha}"' in hcl
+    # the environment goes to the VM as a file Packer uploads (osimage/render.py)
+    env = next((repo / first.stdout.strip()).parent.glob("provision/*-patches-apply.env"))
+    assert f"export OSIMAGE_PATCHES_SHA256={sha}\n" in env.read_text()
 
     write_release(repo, "6.0", None)
     plain = build_py(repo, "render", "smoke", "--release", "6.0", env=cache_env)

@@ -105,7 +105,9 @@ def test_render_without_a_release_uploads_a_stand_in(usb_repo: Path) -> None:
     assert 'destination = "/mnt/osimage-payload/payload-stand-in.raw"' in text
     # the upload comes right after the partitioning, before the installer and the boot media
     assert text.index("# partition") < text.index("# payload-upload") < text.index("# installer")
-    assert "OSIMAGE_PAYLOAD_SHA256=" in text
+    # environments go to the VM as files Packer uploads (osimage/render.py)
+    envs = "".join(f.read_text() for f in (hcl.parent / "provision").glob("*.env"))
+    assert "export OSIMAGE_PAYLOAD_SHA256=" in envs
     live_ssh = (hcl.parent / "http" / "live-ssh.sh").read_text()
     assert "ssh-ed25519 " in live_ssh and "PRIVATE" not in live_ssh
     assert "no --release" in proc.stderr
