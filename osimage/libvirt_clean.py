@@ -41,7 +41,7 @@ from osimage.errors import ConfigError
 TAG_NAMESPACE = "https://osimage.invalid/libvirt/build/1"
 TAG_KEY = "osimage"
 RECORD_PREFIX = "osimage-build-"
-_RUN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_RUN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 _RECORD_LIMIT = 1 << 16
 
 

@@ -39,7 +39,7 @@ _COMMON = "{http://linux.duke.edu/metadata/common}"
 CHECKSUM_TYPES = {"md5": "md5", "sha": "sha1", "sha1": "sha1", "sha224": "sha224",
                   "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
 Rehash = Callable[[str], dict[str, str]]  # algorithm -> {member: digest} of the digest() members
-_ADVISORY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*[-:][A-Za-z0-9._:-]+$")
+_ADVISORY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*[-:][A-Za-z0-9._:-]+\Z")
 
 
 class PatchContentError(ValueError):

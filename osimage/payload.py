@@ -31,7 +31,7 @@ from osimage.context import BuildContext
 from osimage.errors import ConfigError
 
 STAND_IN = "payload-stand-in.raw"  # the file `render` without --release uploads instead
-_SIZE = re.compile(r"^([1-9][0-9]*)([MG])$")
+_SIZE = re.compile(r"^([1-9][0-9]*)([MG])\Z")
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from osimage.release_manifest import (
 from osimage.runner import child_env
 from osimage.tidy import is_clean, is_published, latest_clean, manifest_path, named_images
 
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 HTTP_TIMEOUT = (10.0, 60.0)  # connect, between two reads
 
 __all__ = [

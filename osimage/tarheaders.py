@@ -25,7 +25,7 @@ POSIX_MAGIC = b"ustar\x0000"
 GNU_MAGIC = b"ustar  \x00"
 _OCTAL = re.compile(rb"^ *[0-7]+[ \x00]*$")
 _EMPTY = re.compile(rb"^[ \x00]*$")
-_PAX_TIME = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
+_PAX_TIME = re.compile(r"^-?[0-9]+(\.[0-9]+)?\Z")
 # Every tar reads these and gives them the same meaning (size only when it agrees with the
 # header: busybox reads the header's size, not the PAX one).
 _PAX_PATHS = ("path", "linkpath")

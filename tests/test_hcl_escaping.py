@@ -541,3 +541,19 @@ def test_a_repository_path_packer_would_expand_is_refused(tmp_path: Path,
     line = _one_error_line(build_py(root, "render", "smoke"))
     assert "holds '{{', which Packer would expand as a template" in line
     assert not list((root / "build" / "smoke").glob("*/smoke.pkr.hcl"))
+
+
+@pytest.mark.parametrize(("module", "name", "good"), [
+    ("osimage.release", "SHA256", "a" * 64),
+    ("osimage.payload", "_SIZE", "4G"),
+    ("osimage.patchindex", "_ADVISORY_ID", "RLSA-2024:1234"),
+    ("osimage.libvirt_clean", "_RUN", "0f4c3a2e-1b2c-4d5e-8f90-123456789abc"),
+    ("osimage.tarheaders", "_PAX_TIME", "1700000000.5"),
+])
+def test_every_pattern_is_matched_whole(module: str, name: str, good: str) -> None:
+    """A value that passes a pattern check passes it whole: a trailing newline is refused."""
+    import importlib
+
+    pattern = getattr(importlib.import_module(module), name)
+    assert pattern.match(good)
+    assert not pattern.match(good + "\n")
