@@ -13,6 +13,8 @@ APT_PACKAGES=(
     # libvirt backend (the Python binding builds from source against it; the plugin makes
     # its OEMDRV kickstart CD with xorriso on the machine that runs Packer)
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc xorriso
+    # libvirt NAT networks with DHCP (the native driver's tests, in a network namespace)
+    dnsmasq-base iptables iproute2 util-linux
     # patch tarball tests: a real dnf repository (rpmbuild, createrepo_c) checked on the host
     createrepo-c rpm
     # rocky8-base's playbooks (ansible-playbook); usb-installer: the tests' live ISO (isolinux),
