@@ -296,7 +296,8 @@ def tag_xml(spec: DomainSpec) -> str:
 
 
 def domain_xml(spec: DomainSpec) -> str:
-    """The domain: <domain type='kvm'> or, under TCG, type='qemu'; ACPI on (the power button
+    """The domain (its NIC without a boot ROM: a guest that boots nothing must not get an
+    address by PXE): <domain type='kvm'> or, under TCG, type='qemu'; ACPI on (the power button
     is how it is asked to stop); the build's public key by fw_cfg; an installer's own kernel
     and initrd booted directly when given (its command line carries inst.ks= and the like)."""
     if spec.accelerator not in ("kvm", "tcg"):
@@ -329,7 +330,7 @@ def domain_xml(spec: DomainSpec) -> str:
             f"</on_reboot><on_crash>destroy</on_crash>"
             f"<devices>{disks}"
             f"<interface type='network'><source network={quoteattr(spec.network)}/>"
-            f"<model type='virtio'/></interface>"
+            f"<model type='virtio'/><rom enabled='no'/></interface>"
             f"<serial type='pty'>{log}<target port='0'/></serial>"
             f"<console type='pty'><target type='serial' port='0'/></console>"
             f"<graphics type='vnc' listen='127.0.0.1' autoport='yes'/>"

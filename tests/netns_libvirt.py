@@ -19,12 +19,12 @@ Teardown (also after a failed start): every domain destroyed and undefined, the 
 pool destroyed, the daemons stopped by their pids, whatever process is still in the namespace
 (dnsmasq, a qemu) killed by pid, the namespace deleted; the mount namespace ends with its last
 process and the folder is removed. Nothing here depends on pytest but `netns_libvirt`, a
-fixture a test module imports:
+fixture (named netns_env, one per test module) that a test module imports:
 
     from tests.netns_libvirt import netns_libvirt  # noqa: F401  (the fixture)
 
-    def test_x(netns_libvirt: NetnsLibvirt) -> None:
-        netns_libvirt.uri, .network, .pool, .pool_path, .exec([...])
+    def test_x(netns_env: NetnsLibvirt) -> None:
+        netns_env.uri, .network, .pool, .pool_path, .exec([...])
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ class NetnsLibvirt:
         self.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", name="netns_env")
 def netns_libvirt() -> Iterator[NetnsLibvirt]:
     """A namespaced libvirtd with a NAT network and a pool, shared by a test module."""
     reason = missing_reason()
