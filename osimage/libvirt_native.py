@@ -211,8 +211,16 @@ def domain_ipv4(dom: Any, source: str = "lease") -> str | None:
                           f"{', '.join(ADDRESS_SOURCES)}") from None
     try:
         interfaces = dom.interfaceAddresses(flag, 0) or {}
-    except libvirt.libvirtError:
-        return None  # no lease file yet, the agent not up yet: asked again
+    except libvirt.libvirtError as e:
+        if source == "agent" and e.get_error_code() in (
+                libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED,
+                libvirt.VIR_ERR_OPERATION_INVALID):
+            return None  # the agent is not up yet: asked again
+        # libvirt 9.0's ARP source fails for good here ("wrong nlmsg len"): say so now
+        # rather than wait for a timeout.
+        raise BuildError(f"domain {dom.name()}: cannot read its address from "
+                         f"{_SOURCE_TEXT[source]}: {lv.error_text(e)}",
+                         hint="set the site's address_source to lease or agent") from None
     for name in sorted(interfaces):
         if name == "lo":
             continue
