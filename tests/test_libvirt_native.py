@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ from osimage import libvirt_backend as lv
 from osimage import libvirt_native as native
 from osimage.errors import BuildError, ConfigError
 from osimage.libvirt_native import Keys, Wait, parse_boot_command
+from tests.conftest import PROJECT
 from tests.netns_libvirt import NetnsLibvirt, netns_libvirt  # noqa: F401 - the fixture
 
 P2_OFFSET = 67108864  # the smoke disk's data partition (scripts/make-smoke-disk.sh)
@@ -277,6 +281,56 @@ def test_guest_without_address_times_out_and_leaves_nothing(
                                 f"leases within 5 s")
         assert e.value.hint and "DHCP" in e.value.hint
         assert 5 <= elapsed < 20
+        assert spec.name not in domain_names(conn)
+        assert spec.disk not in volume_names(conn, env)
+        source.delete(0)
+
+
+WAITER = """\
+import sys
+from osimage import libvirt_backend as lv, libvirt_native as native, runner
+from osimage.errors import FactoryError
+uri, pool, network, source, name, run = sys.argv[1:]
+spec = native.DomainSpec(name=name, run=run, image="blank", pool=pool, network=network,
+                         disk=name + "-disk", volumes=(name + "-disk",), memory_mib=256)
+conn = lv.connect(uri)
+try:
+    with runner.forwarded_signals(), native.BuildDomain(
+            conn, spec, lv.lookup_volume(conn, pool, source)):
+        print("waiting", flush=True)
+        native.wait_for_address(conn.lookupByName(name), "lease", timeout=300)
+except FactoryError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+"""
+
+
+def test_ctrl_c_while_waiting_for_an_address_removes_the_domain(
+        netns_env: NetnsLibvirt, tmp_path: Path) -> None:
+    env = netns_env
+    with connection(env) as conn:
+        source = blank_volume(conn, env)
+        spec = spec_for(env, "blank")
+        script = tmp_path / "waiter.py"
+        script.write_text(WAITER)
+        proc = subprocess.Popen([sys.executable, str(script), env.uri, env.pool, env.network,
+                                 source.name(), spec.name, spec.run], cwd=PROJECT,
+                                env={**os.environ, "PYTHONPATH": str(PROJECT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "waiting"
+            assert spec.name in domain_names(conn)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert time.monotonic() - t0 < 5
+        assert proc.returncode == 130
+        assert err.strip() == ("error: interrupted by SIGINT; the build was stopped and "
+                               "cleaned up")
         assert spec.name not in domain_names(conn)
         assert spec.disk not in volume_names(conn, env)
         source.delete(0)
