@@ -247,6 +247,17 @@ def test_smoke_guest_on_nat_network_provisioned_by_packer_null(
             assert build.returncode == 0, build.stdout + build.stderr
             assert f"native driver {spec.run}" in build.stdout
 
+            # Text typed on the keyboard reaches the guest's console (tty1), shift and all.
+            reader = env.exec(ssh_argv(key, addr, "setsid sh -c 'head -n 1 /dev/tty1 "
+                                       ">/tmp/typed' </dev/null >/dev/null 2>&1 &"))
+            assert reader.returncode == 0, reader.stderr
+            t0 = time.monotonic()
+            native.send_boot_command(vm.dom, parse_boot_command(
+                ["echo <wait1>Hello,", " World_1 <leftShiftOn>ok<leftShiftOff>!<enter>"]))
+            times["boot command typed"] = time.monotonic() - t0
+            got = env.exec(ssh_argv(key, addr, "cat /tmp/typed"))
+            assert got.stdout == "echo Hello, World_1 OK!\n", got
+
             # Ctrl+Alt+Del typed on the keyboard: busybox init reboots (syncing and unmounting
             # /data first), and on_reboot=destroy stops the domain.
             t0 = time.monotonic()
