@@ -151,7 +151,12 @@ class NetnsLibvirt:
             Path(host).mkdir(parents=True, exist_ok=True)  # a mount point must exist
             if sub == "cache" and Path(host).is_dir():
                 # The machine's qemu capabilities cache: the daemon starts without probing qemu.
-                shutil.copytree(host, self.dir / sub, symlinks=True)
+                # The machine's daemon may rewrite it meanwhile: then start without it.
+                try:
+                    shutil.copytree(host, self.dir / sub, symlinks=True)
+                except (OSError, shutil.Error):
+                    shutil.rmtree(self.dir / sub, ignore_errors=True)
+                    (self.dir / sub).mkdir()
             elif sub != "etc":
                 (self.dir / sub).mkdir()
         self._private_etc()
