@@ -10,6 +10,8 @@ APT_PACKAGES=(
     # the smoke image's source disk (scripts/make-smoke-disk.sh)
     linux-image-cloud-amd64 busybox-static dropbear-bin syslinux syslinux-common mtools
     dosfstools e2fsprogs fdisk cpio gzip xz-utils zstd
+    # libvirt NAT networks with DHCP (the native libvirt driver's tests, in a network namespace)
+    dnsmasq-base iptables iproute2 util-linux
     # libvirt backend (the Python binding builds from source against it; the plugin makes
     # its OEMDRV kickstart CD with xorriso on the machine that runs Packer)
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc xorriso
