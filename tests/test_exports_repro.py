@@ -56,11 +56,14 @@ def older_kernel(kver: str) -> str:
 
 
 def add_older_kernel(repo: Path, kver: str) -> str:
-    """A second kernel and its initramfs in the files uploaded to the guest's /boot."""
+    """A second kernel and its initramfs in the files uploaded to the guest's /boot
+    (committed: they are part of the image folder)."""
     old = older_kernel(kver)
-    boot = repo / "build" / "sources" / "smoke" / "boot"
+    boot = repo / "images" / "smoke" / "boot"
     (boot / f"vmlinuz-{old}").write_bytes(b"the older kernel\n")
     (boot / f"initramfs-{old}.img").write_bytes(b"the older kernel's initramfs\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "smoke: an older kernel that sorts later as a string")
     return old
 
 
@@ -206,7 +209,7 @@ def test_newest_kernel_by_version_order_with_its_initramfs(builds: Builds) -> No
     assert not [n for n in kinds if builds.old_kver in n]
     assert (builds.published / f"vmlinuz-{builds.kver}").read_bytes() == (
         Path("/boot") / f"vmlinuz-{builds.kver}").read_bytes()
-    initramfs = builds.repo / "build/sources/smoke/boot" / f"initramfs-{builds.kver}.img"
+    initramfs = builds.repo / "images/smoke/boot" / f"initramfs-{builds.kver}.img"
     assert (builds.published / f"initramfs-{builds.kver}.img").read_bytes() == (
         initramfs.read_bytes())
     # the order itself, as `sort -V` and rpm have it
