@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
 
+from osimage.fsutil import atomic_write_text
 from osimage.runner import check_interrupted
 
 CHUNK = 1 << 20  # 1 MiB: large enough that hashlib releases the GIL
@@ -19,6 +19,7 @@ class Artifact:
     path: Path
     size: int
     sha256: str
+    kind: str | None = None  # an export's kind in manifest.json (rootfs, ...); None: disk
 
     @property
     def name(self) -> str:
@@ -74,9 +75,7 @@ class ThreadedHasher:
 def write_checksum_file(artifact: Artifact) -> Path:
     """NAME.sha256 in sha256sum format, so `sha256sum -c` works in the mirror folder."""
     out = artifact.checksum_path
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(f"{artifact.sha256}  {artifact.name}\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, f"{artifact.sha256}  {artifact.name}\n")
     return out
 
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from osimage import artifacts, oci, runner
 from osimage.errors import BuildError, ConfigError
+from osimage.sizes import human
 
 if TYPE_CHECKING:
     from osimage.context import BuildContext
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 DEFAULT_ROOTFS_PATH = "/var/tmp/osimage-rootfs.tar"
 DEFAULT_KERNEL = "boot/vmlinuz-*"
 DEFAULT_INITRAMFS = "boot/initramfs-{version}.img"
-OCI_TOOLS = {"oci": ("umoci", "skopeo"), "squashfs": ("tar2sqfs",)}
 
 
 @dataclass
@@ -147,7 +147,7 @@ def _add(ctx: BuildContext, path: Path, kind: str) -> artifacts.Artifact:
     made = artifacts.record(path)
     ctx.artifacts.append(made)
     _state(ctx).kinds[made.name] = kind
-    ctx.reporter.info(f"    {made.name}: {made.size / 2**20:.1f} MiB, sha256 {made.sha256}")
+    ctx.reporter.info(f"    {made.name}: {human(made.size)}, sha256 {made.sha256}")
     return made
 
 

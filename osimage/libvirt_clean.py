@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from osimage import config
+from osimage import config, ui
 from osimage import libvirt_backend as lv
 from osimage.errors import ConfigError
+from osimage.sizes import human
 
 # The namespace of osimage's domain <metadata>, and the record volumes' names.
 TAG_NAMESPACE = "https://osimage.invalid/libvirt/build/1"
@@ -273,7 +274,7 @@ def find_leftovers(conn: Any, prefix: str = lv.LEFTOVER_PREFIX,
             if (pool.name(), name) not in wanted or not name.startswith(prefix):
                 continue
             found.append(Leftover("volume", name, pool=pool.name(),
-                                  state=lv.human(lv.volume_physical_size(vol)),
+                                  state=human(lv.volume_physical_size(vol)),
                                   age=_volume_age(vol, now)))
     return found
 
@@ -417,9 +418,7 @@ def table(rows: list[Row]) -> list[str]:
     head = ("KIND", "NAME", "STATE/SIZE", "AGE", "ACTION")
     body = [(r.item.kind, r.item.label, r.item.state, format_age(r.item.age), r.action)
             for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=True)]
-    return ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-            for line in (head, *body)]
+    return ui.table(head, body)
 
 
 def clean(uri: str, older_than: float, remove: bool, prefix: str,

@@ -30,11 +30,14 @@ from typing import IO, Any, cast
 
 from osimage import artifacts, hclschema, libvirt_clean, libvirt_streams, packer, render, runner
 from osimage import libvirt_backend as lv
+from osimage import libvirt_preflight as preflight
 from osimage.config import display_path
 from osimage.context import BuildContext
 from osimage.errors import BuildError, ConfigError
 from osimage.fsutil import waiting_lock
+from osimage.libvirt_preflight import Check
 from osimage.netreason import reason as net_reason
+from osimage.sizes import human, parse_size
 
 Step = Callable[[BuildContext, contextlib.ExitStack], None]
 
@@ -86,8 +89,8 @@ class LibvirtBuild:
     settings: Settings
     domain: str
     conn: Any = None
-    source: lv.SourceVolume | None = None
-    checks: list[lv.Check] = field(default_factory=list)
+    source: libvirt_streams.SourceVolume | None = None
+    checks: list[Check] = field(default_factory=list)
     tag: libvirt_clean.BuildTag | None = None  # set once its record is in the pool
 
 
@@ -182,49 +185,49 @@ def _url_size(url: str) -> int:
 # --- steps -----------------------------------------------------------------------------------
 
 
-def _packer_checks(ctx: BuildContext, settings: Settings) -> list[lv.Check]:
+def _packer_checks(ctx: BuildContext, settings: Settings) -> list[Check]:
     binary = ctx.site.packer_binary
     want = tuple(int(p) for p in settings.packer_min_version.split("."))
     try:
         have = packer.version(binary)
     except BuildError as e:
-        return [lv.Check("packer version", False, f"{binary!r} cannot be run ({e.message})",
+        return [Check("packer version", False, f"{binary!r} cannot be run ({e.message})",
                          "install Packer 1.14 and set packer.binary in the site file",
                          "packer.binary")]
     have_text = ".".join(map(str, have))
     if have < want:
-        return [lv.Check(
+        return [Check(
             "packer version", False,
             f"packer {have_text} is too old for the libvirt plugin (needs "
             f"{settings.packer_min_version} or newer)",
             f"Packer {settings.packer_min_version}+ reads the packer {{ required_plugins }} "
             f"block and speaks the plugin's protocol: install Packer 1.14 from "
             f"releases.hashicorp.com and set packer.binary in the site file", "packer.binary")]
-    checks = [lv.Check("packer version", True, f"packer {have_text}")]
+    checks = [Check("packer version", True, f"packer {have_text}")]
     checks.append(_plugin_check(binary, have, settings))
     return checks
 
 
-def _plugin_check(binary: str, have: tuple[int, int, int], settings: Settings) -> lv.Check:
+def _plugin_check(binary: str, have: tuple[int, int, int], settings: Settings) -> Check:
     source = hclschema.plugin_info()["source"]
     install = f"packer plugins install {source} v{settings.plugin_version}"
     if have < (1, 8, 0):
-        return lv.Check("libvirt plugin", True, f"not listed (packer {'.'.join(map(str, have))}"
+        return Check("libvirt plugin", True, f"not listed (packer {'.'.join(map(str, have))}"
                         f" cannot list plugins; {install} installs it)")
     result = runner.run([binary, "plugins", "installed"], check=False)
     listed = "\n".join(result.tail)
     if source in listed and f"v{settings.plugin_version}" in listed:
-        return lv.Check("libvirt plugin", True, f"{source} v{settings.plugin_version}")
-    return lv.Check("libvirt plugin", False,
+        return Check("libvirt plugin", True, f"{source} v{settings.plugin_version}")
+    return Check("libvirt plugin", False,
                     f"{source} v{settings.plugin_version} is not installed",
                     f"{install} (or packer init on the rendered file)", "libvirt.plugin_version")
 
 
-def _iso_tool_check() -> lv.Check:
+def _iso_tool_check() -> Check:
     for tool in ISO_TOOLS:
         if shutil.which(tool):
-            return lv.Check("CD maker", True, f"{tool} (the plugin makes the OEMDRV CD with it)")
-    return lv.Check("CD maker", False, "none of xorriso, mkisofs, hdiutil, oscdimg is on PATH "
+            return Check("CD maker", True, f"{tool} (the plugin makes the OEMDRV CD with it)")
+    return Check("CD maker", False, "none of xorriso, mkisofs, hdiutil, oscdimg is on PATH "
                     "(the plugin makes the kickstart CD with one)", "apt-get install -y xorriso")
 
 
@@ -236,10 +239,10 @@ def step_preflight(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     size = source_size(src.location)
     if size is None:
         size = _url_size(src.location)
-    need = lv.parse_size(ctx.image.data["disk_size"])
-    req = lv.PreflightRequest(uri=s.uri, pool=s.pool, network=s.network, bridge=s.bridge,
+    need = parse_size(ctx.image.data["disk_size"])
+    req = preflight.PreflightRequest(uri=s.uri, pool=s.pool, network=s.network, bridge=s.bridge,
                               need_bytes=need, source=(src.volume, size, src.sha256))
-    checks, conn = lv.check_hypervisor(req)
+    checks, conn = preflight.check_hypervisor(req)
     if conn is not None:
         build.conn = conn
         stack.callback(_close, conn)
@@ -249,7 +252,7 @@ def step_preflight(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     build.checks = checks
     for c in checks:
         ctx.reporter.info(f"    {'ok' if c.ok else 'FAILED'} {c.name}: {c.detail}")
-    lv.raise_failed(checks, s.shown)
+    preflight.raise_failed(checks, s.shown)
 
 
 def _close(conn: Any) -> None:
@@ -354,11 +357,12 @@ def step_upload(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
             return Path(src.location).open("rb")
 
     with _upload_lock(ctx, s, src.volume):
-        result = lv.ensure_source_volume(build.conn, s.pool, src.volume, src.format, size,
-                                         src.sha256, opener, progress=ctx.reporter.info)
+        result = libvirt_streams.ensure_source_volume(build.conn, s.pool, src.volume,
+                                                      src.format, size, src.sha256, opener,
+                                                      progress=ctx.reporter.info)
     build.source = result
     if result.uploaded:
-        ctx.reporter.info(f"    uploaded {s.pool}/{src.volume}: {lv.human(size)} in "
+        ctx.reporter.info(f"    uploaded {s.pool}/{src.volume}: {human(size)} in "
                           f"{result.seconds:.1f} s, sha256 checked before and after")
     else:
         ctx.reporter.info(f"    {s.pool}/{src.volume} is in the pool already "
@@ -484,8 +488,8 @@ def step_download(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     # there are next to none, and the sparse stream costs libvirtd 5-15 % more (measured).
     got = libvirt_streams.download_stream(build.conn, vol, target, sparse=have_fmt == "raw",
                                           progress=ctx.reporter.info, what=f"download {name}")
-    ctx.reporter.info(f"    {s.pool}/{name}: {lv.human(got.size)} in {got.seconds:.1f} s "
-                      f"({lv.human(got.rate)}/s), sha256 {got.sha256}")
+    ctx.reporter.info(f"    {s.pool}/{name}: {human(got.size)} in {got.seconds:.1f} s "
+                      f"({human(got.rate)}/s), sha256 {got.sha256}")
     if convert:
         argv = ["qemu-img", "convert", "-f", have_fmt, "-O", fmt]
         if compress:
@@ -500,7 +504,7 @@ def step_download(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     ctx.artifact_id = ctx.artifact_id or f"{s.pool}/{name}"
     how = (" (zstd-compressed qcow2)" if compress else f" (converted to {fmt})") if convert \
         else ""
-    ctx.reporter.info(f"    {art.name}: {art.size / 2**20:.1f} MiB, sha256 {art.sha256}{how}")
+    ctx.reporter.info(f"    {art.name}: {human(art.size)}, sha256 {art.sha256}{how}")
 
 
 def _volume_format(vol: Any) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import threading
 import time
@@ -20,10 +21,12 @@ from pathlib import Path
 from queue import Queue
 from typing import IO, Any
 
+from osimage import libvirt_backend as lv
 from osimage.artifacts import ThreadedHasher
 from osimage.errors import BuildError
-from osimage.libvirt_backend import human, libvirt_module, volume_physical_size
+from osimage.libvirt_backend import libvirt_module, volume_physical_size
 from osimage.runner import check_interrupted
+from osimage.sizes import human
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines of a long transfer
 _ZEROS = bytes(1 << 20)
@@ -254,3 +257,74 @@ def hash_volume(conn: Any, vol: Any, length: int, progress: Progress | None = No
 
 
 # --- volumes ---------------------------------------------------------------------------------
+
+
+# --- install sources in the pool ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceVolume:
+    pool: str
+    name: str
+    size: int
+    sha256: str
+    uploaded: bool  # False: it was in the pool already
+    seconds: float = 0.0
+
+
+def source_present(conn: Any, pool: str, name: str, size: int, sha256: str) -> bool:
+    """The source volume is there and complete: its stamp (written only after the upload was
+    verified) names this sha256, and the volume holds size bytes."""
+    vol = lv.find_volume(conn, pool, name)
+    stamp = lv.find_volume(conn, pool, lv.stamp_name(name))
+    if vol is None or stamp is None:
+        return False
+    text = read_volume(conn, stamp).decode(errors="replace")
+    words = text.split()
+    return (len(words) >= 2 and words[0] == sha256 and words[1] == name
+            and lv.volume_physical_size(vol) >= size)
+
+
+def ensure_source_volume(conn: Any, pool: str, name: str, fmt: str, size: int, sha256: str,
+                         opener: Callable[[], contextlib.AbstractContextManager[IO[bytes]]],
+                         progress: Progress | None = None) -> SourceVolume:
+    """Put an install source into the pool unless it is there already.
+
+    The bytes are hashed as they are sent and must match sha256 (the image's checksum); then
+    they are read back out of the pool and hashed again, and the volume must hold size bytes.
+    Only then is the stamp volume NAME.sha256 written, which is what makes the volume count
+    as present: an upload cut short (Ctrl-C, kill -9, a lost connection) is never reused.
+    """
+    if source_present(conn, pool, name, size, sha256):
+        return SourceVolume(pool, name, size, sha256, uploaded=False)
+    lv.delete_volume(conn, pool, lv.stamp_name(name))
+    lv.delete_volume(conn, pool, name)
+    t0 = time.monotonic()
+    vol = lv.create_volume(conn, pool, name, size, fmt)
+    try:
+        with opener() as source:
+            sent = upload_stream(conn, vol, source, size, progress, what=f"upload {name}")
+        if sent.sha256 != sha256:
+            raise BuildError(f"upload of {name}: the source's sha256 is {sent.sha256}, the "
+                             f"image's checksum says {sha256}",
+                             hint="the source changed, or source.checksum in image.yaml is "
+                                  "wrong")
+        back = hash_volume(conn, vol, size, progress, what=f"verify {name}")
+        physical = lv.volume_physical_size(vol)
+        if back.size != size or physical < size:
+            raise BuildError(f"upload of {name}: the pool volume holds {min(back.size, physical)}"
+                             f" bytes, {size} were sent")
+        if back.sha256 != sha256:
+            raise BuildError(f"upload of {name}: read back from pool {pool}, its sha256 is "
+                             f"{back.sha256}, not {sha256}")
+        stamp = f"{sha256}  {name}\n".encode()
+        stamp_vol = lv.create_volume(conn, pool, lv.stamp_name(name), len(stamp), "raw")
+        upload_stream(conn, stamp_vol, io.BytesIO(stamp), len(stamp), what="stamp")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            lv.delete_volume(conn, pool, lv.stamp_name(name))
+        with contextlib.suppress(Exception):
+            vol.delete(0)
+        raise
+    return SourceVolume(pool, name, size, sha256, uploaded=True,
+                        seconds=time.monotonic() - t0)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from osimage import netreason
 from osimage.errors import BuildError
 from osimage.mirror import LocalMirror, Mirror
+from osimage.sizes import human
 
 if TYPE_CHECKING:
     import paramiko
@@ -57,18 +58,14 @@ def check(mirror: Mirror, dest: str, expected: Expected | None) -> str:
     return f"{mirror.describe()}: nothing to check"
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 def _room(where: str, dest: str, free: int | None, expected: Expected | None) -> str:
     if free is None:
         return "free space unknown"
     if expected is not None and expected.size + SLACK > free:
-        raise BuildError(f"mirror disk full: {dest} needs about {_mib(expected.size)} "
-                         f"({expected.basis}), {where} has {_mib(free)} free",
+        raise BuildError(f"mirror disk full: {dest} needs about {human(expected.size)} "
+                         f"({expected.basis}), {where} has {human(free)} free",
                          hint="free space on the mirror, then build again")
-    return f"{_mib(free)} free"
+    return f"{human(free)} free"
 
 
 # --- a local folder ----------------------------------------------------------------------------

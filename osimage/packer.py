@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -95,10 +94,7 @@ class BuildProgress:
 
     log: IO[str]
     on_step: Any = None  # Callable[[str], None]
-    on_text: Any = None  # Callable[[str], None]
-    steps: list[tuple[float, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    artifact_files: list[str] = field(default_factory=list)
     artifact_id: str = ""
     text_tail: list[str] = field(default_factory=list)
 
@@ -114,21 +110,15 @@ class BuildProgress:
             if level == "say" and text.lstrip().startswith("==>"):
                 said = text.strip()[3:].strip()
                 step = said.split(":", 1)[-1].strip() if ":" in said else said
-                if step and not step.startswith("Wait completed"):
-                    self.steps.append((time.monotonic(), step))
-                    if self.on_step is not None:
-                        self.on_step(step)
+                if (step and not step.startswith("Wait completed")
+                        and self.on_step is not None):
+                    self.on_step(step)
             if level == "error":
                 self.errors.append(text.strip())
-        elif parsed.kind == "artifact" and len(parsed.data) >= 3:
-            if parsed.data[1] == "file" and len(parsed.data) >= 4:  # 0,file,INDEX,PATH
-                self.artifact_files.append(parsed.data[3])
-            elif parsed.data[1] == "id":
-                self.artifact_id = parsed.data[2]
+        elif parsed.kind == "artifact" and len(parsed.data) >= 3 and parsed.data[1] == "id":
+            self.artifact_id = parsed.data[2]
 
     def _text(self, text: str) -> None:
         self.log.write(text + "\n")
         self.log.flush()
         self.text_tail = [*self.text_tail, text][-40:]
-        if self.on_text is not None:
-            self.on_text(text)

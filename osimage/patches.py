@@ -42,6 +42,7 @@ from osimage import __version__, artifacts, config, download, patchindex, releas
 from osimage.errors import ConfigError
 from osimage.fsutil import atomic_write_text
 from osimage.mirror import open_mirror
+from osimage.sizes import human, parse_size
 
 if TYPE_CHECKING:
     from osimage.context import BuildContext
@@ -170,11 +171,11 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     if fetched.from_cache:
         ctx.reporter.info(f"    {name}: in the cache ({fetched.path})")
     else:
-        resumed = f", resumed at {_mib(fetched.resumed_at)}" if fetched.resumed_at else ""
-        ctx.reporter.info(f"    {name}: downloaded {_mib(fetched.downloaded)} from "
+        resumed = f", resumed at {human(fetched.resumed_at)}" if fetched.resumed_at else ""
+        ctx.reporter.info(f"    {name}: downloaded {human(fetched.downloaded)} from "
                           f"{source.describe()} in {fetched.seconds:.1f} s{resumed}")
     ctx.reporter.info(f"    {name}: sha256 {contents.sha256} ok; a safe archive of "
-                      f"{contents.members} members ({_mib(contents.total_bytes)}); "
+                      f"{contents.members} members ({human(contents.total_bytes)}); "
                       f"{_summary(patch_set)}")
     ctx.reporter.info(f"    {name}: the VM gets a re-pack of exactly those members, sha256 "
                       f"{contents.repack_sha256}")
@@ -184,8 +185,6 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 def limits_for(image: config.Image) -> tarcheck.Limits:
     """The tarball and what it unpacks to must both fit on the image's disk."""
-    from osimage.libvirt_backend import parse_size
-
     size = str(image.data["disk_size"])
     return tarcheck.Limits().for_disk(parse_size(size), f"half the image's disk_size {size}")
 
@@ -219,10 +218,6 @@ def _checked(shown: str, contents: tarcheck.Contents, path: Path) -> patchindex.
 def _summary(p: patchindex.PatchSet) -> str:
     return (f"{len(p.advisories)} advisor{'y' if len(p.advisories) == 1 else 'ies'}, "
             f"{len(p.packages)} package{'' if len(p.packages) == 1 else 's'}")
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 def record(ctx: BuildContext) -> dict[str, str] | None:
@@ -311,7 +306,7 @@ def step_collect(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     made = artifacts.Artifact(path=tarball, size=contents.size, sha256=contents.sha256)
     artifacts.write_checksum_file(made)
     ctx.artifacts = [made, artifacts.record(index)]
-    ctx.reporter.info(f"    {name}: {_mib(contents.size)}, sha256 {contents.sha256}; "
+    ctx.reporter.info(f"    {name}: {human(contents.size)}, sha256 {contents.sha256}; "
                       f"{_summary(patch_set)}")
     for a in patch_set.advisories:
         ctx.reporter.info(f"      {a.id} {a.type}: {', '.join(a.packages)}")

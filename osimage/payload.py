@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -29,9 +28,9 @@ from typing import Any
 from osimage import config, download, release
 from osimage.context import BuildContext
 from osimage.errors import ConfigError
+from osimage.sizes import human, parse_size
 
 STAND_IN = "payload-stand-in.raw"  # the file `render` without --release uploads instead
-_SIZE = re.compile(r"^([1-9][0-9]*)([MG])\Z")
 
 
 @dataclass(frozen=True)
@@ -59,16 +58,6 @@ class Payload:
 def spec_of(image: config.Image) -> dict[str, Any] | None:
     spec: dict[str, Any] | None = image.data.get("payload")
     return spec
-
-
-def _bytes(size: str) -> int:
-    m = _SIZE.match(size)
-    assert m is not None  # the schema's pattern
-    return int(m.group(1)) << (20 if m.group(2) == "M" else 30)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 def check_options(root: Path, image_name: str, release_name: str | None) -> None:
@@ -120,10 +109,10 @@ def step_resolve(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         return
     entry, disk = _disk_file(ctx.root, ctx.image, spec, ctx.release)
     name = PurePosixPath(disk.path).name
-    capacity = _bytes(ctx.image.data["disk_size"]) - _bytes(spec.get("reserve", "1G"))
+    capacity = parse_size(ctx.image.data["disk_size"]) - parse_size(spec.get("reserve", "1G"))
     if disk.size > capacity:
         raise ConfigError(f"images/{ctx.image.name}/image.yaml: disk_size "
-                          f"{ctx.image.data['disk_size']} cannot hold {name} ({_gib(disk.size)}) "
+                          f"{ctx.image.data['disk_size']} cannot hold {name} ({human(disk.size)}) "
                           f"and payload.reserve {spec.get('reserve', '1G')}: raise disk_size")
     local = folder / name
     local.touch()
@@ -131,7 +120,7 @@ def step_resolve(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                           name=name, mirror_path=disk.path, size=disk.size, sha256=disk.sha256,
                           local=local, destination=spec["destination"], after=spec.get("after"))
     ctx.reporter.info(f"    {spec['image']} {entry.version} of release {ctx.release}: {name}, "
-                      f"{_gib(disk.size)}, sha256 {disk.sha256}")
+                      f"{human(disk.size)}, sha256 {disk.sha256}")
 
 
 def cache_dir() -> Path:

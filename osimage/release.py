@@ -40,7 +40,9 @@ from osimage.release_manifest import (
     put,
 )
 from osimage.runner import child_env
+from osimage.sizes import human
 from osimage.tidy import is_clean, is_published, latest_clean, manifest_path, named_images
+from osimage.ui import table
 
 SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 HTTP_TIMEOUT = (10.0, 60.0)  # connect, between two reads
@@ -468,12 +470,9 @@ def _patch_label(p: Patches | None) -> str:
 def _size(n: int) -> str:
     if n == UNKNOWN_SIZE:
         return "?"
-    if n < 1 << 20:
-        return f"{n} B"
-    return f"{n / (1 << 20):.1f} MiB"
+    # exact below 1 MiB: a diff of two small files must show that their sizes differ
+    return f"{n} B" if n < 1 << 20 else human(n)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in [headers, *rows])
+    return "\n".join(table(headers, rows))

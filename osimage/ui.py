@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -88,5 +87,21 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-def is_tty() -> bool:
-    return sys.stdin.isatty() and sys.stdout.isatty()
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Plain columns, two spaces apart, no trailing blanks: what every listing prints."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table(box=None, pad_edge=False, padding=(0, 1), show_header=True,
+                 header_style="")
+    for h in headers:
+        grid.add_column(Text(str(h)), no_wrap=True)
+    for row in rows:
+        grid.add_row(*(Text(str(c)) for c in row))
+    out = io.StringIO()
+    Console(file=out, width=100_000, color_system=None, force_terminal=False,
+            legacy_windows=False).print(grid)
+    return [line.rstrip() for line in out.getvalue().splitlines()]

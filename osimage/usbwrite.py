@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from osimage.errors import BuildError, ConfigError, Interrupted
+from osimage.sizes import human
 
 SYSROOT_ENV = "OSIMAGE_WRITE_USB_SYSROOT"
 CHUNK = 4 << 20
@@ -196,8 +197,8 @@ def inspect_device(device: str) -> Device:
 def check(dev: Device, source: Source, force: bool) -> list[str]:
     """Refuse what must never be written; return warnings for what --force allowed."""
     if dev.size < source.size:
-        raise Refused(f"{dev.path} holds {_size(dev.size)}, {source.label} needs "
-                      f"{_size(source.size)}")
+        raise Refused(f"{dev.path} holds {human(dev.size)}, {source.label} needs "
+                      f"{human(source.size)}")
     problems = []
     if not dev.removable:
         problems.append(f"{dev.path} is not a removable disk")
@@ -217,8 +218,8 @@ def confirm(dev: Device, source: Source, yes: bool) -> None:
                       f"{dev.path} without asking")
     import click
 
-    what = f"{dev.path} ({dev.model or 'unknown model'}, {_size(dev.size)})"
-    answer = click.prompt(f"Write {source.label} ({_size(source.size)}) to {what}? Everything "
+    what = f"{dev.path} ({dev.model or 'unknown model'}, {human(dev.size)})"
+    answer = click.prompt(f"Write {source.label} ({human(source.size)}) to {what}? Everything "
                           "on it is lost. Type yes", default="", show_default=False,
                           err=True)
     if answer.strip() != "yes":
@@ -226,13 +227,6 @@ def confirm(dev: Device, source: Source, yes: bool) -> None:
 
 
 # --- writing and reading back ----------------------------------------------------------------
-
-
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} bytes"
 
 
 @contextlib.contextmanager
@@ -290,7 +284,7 @@ def write_image(source: Path, size: int, target: Path, is_block: bool, exclusive
         os.fsync(fd)
         _drop_cache(fd, is_block)
     except OSError as e:
-        raise BuildError(f"writing {target} failed after {_size(done)}: {e.strerror}") from None
+        raise BuildError(f"writing {target} failed after {human(done)}: {e.strerror}") from None
     finally:
         digest = hasher.hexdigest()
         os.close(fd)
@@ -313,7 +307,7 @@ def read_back(target: Path, size: int, on_progress: Callable[[int], None]) -> st
                 done += n
                 on_progress(n)
     except OSError as e:
-        raise BuildError(f"reading {target} back failed after {_size(done)}: "
+        raise BuildError(f"reading {target} back failed after {human(done)}: "
                          f"{e.strerror}") from None
     return h.hexdigest()
 
@@ -326,7 +320,7 @@ def run(what: str, device: str, release_name: str | None, version: str | None, y
     for problem in check(dev, source, force):
         warn(f"{problem} (--force)")
     confirm(dev, source, yes)
-    say(f"writing {source.label} ({_size(source.size)}) to {dev.path}"
+    say(f"writing {source.label} ({human(source.size)}) to {dev.path}"
         f"{f' ({dev.model})' if dev.model else ''}")
     t0 = time.monotonic()
     try:
@@ -335,8 +329,8 @@ def run(what: str, device: str, release_name: str | None, version: str | None, y
                                   exclusive=not force, on_progress=tick)
         os.sync()
         seconds = time.monotonic() - t0
-        say(f"wrote {_size(source.size)} in {seconds:.1f} s "
-            f"({source.size / 2**20 / max(seconds, 1e-6):.0f} MiB/s), synced; reading it back")
+        say(f"wrote {human(source.size)} in {seconds:.1f} s "
+            f"({human(source.size / max(seconds, 1e-6))}/s), synced; reading it back")
         with _progress(source.size, "verify") as tick:
             back = read_back(dev.node, source.size, tick)
     except KeyboardInterrupt:

@@ -545,7 +545,7 @@ def test_a_repository_path_packer_would_expand_is_refused(tmp_path: Path,
 
 @pytest.mark.parametrize(("module", "name", "good"), [
     ("osimage.release", "SHA256", "a" * 64),
-    ("osimage.payload", "_SIZE", "4G"),
+    ("osimage.sizes", "_SIZE", "4G"),
     ("osimage.patchindex", "_ADVISORY_ID", "RLSA-2024:1234"),
     ("osimage.libvirt_clean", "_RUN", "0f4c3a2e-1b2c-4d5e-8f90-123456789abc"),
     ("osimage.tarheaders", "_PAX_TIME", "1700000000.5"),

@@ -26,7 +26,9 @@ import pytest
 
 from osimage import libvirt_backend as lv
 from osimage import libvirt_clean, libvirt_streams
+from osimage import libvirt_preflight as preflight
 from osimage.errors import BuildError, ConfigError
+from osimage.libvirt_streams import ensure_source_volume
 from tests import libvirtd
 from tests.conftest import PROJECT, build_py
 
@@ -70,13 +72,13 @@ def binary(path: Path) -> Any:
 
 
 def request(pool: libvirtd.TestPool, network: str | None = None, bridge: str | None = None,
-            need: int = 1 << 20, uri: str = URI) -> lv.PreflightRequest:
-    return lv.PreflightRequest(uri=uri, pool=pool.name, network=network, bridge=bridge,
+            need: int = 1 << 20, uri: str = URI) -> preflight.PreflightRequest:
+    return preflight.PreflightRequest(uri=uri, pool=pool.name, network=network, bridge=bridge,
                                need_bytes=need)
 
 
-def checks_by_name(req: lv.PreflightRequest) -> dict[str, lv.Check]:
-    checks, conn = lv.check_hypervisor(req)
+def checks_by_name(req: preflight.PreflightRequest) -> dict[str, preflight.Check]:
+    checks, conn = preflight.check_hypervisor(req)
     if conn is not None:
         conn.close()
     return {c.name: c for c in checks}
@@ -115,14 +117,14 @@ def test_preflight_cannot_connect(pool: libvirtd.TestPool) -> None:
 
 
 def test_preflight_missing_pool_and_network(pool: libvirtd.TestPool) -> None:
-    req = lv.PreflightRequest(uri=URI, pool="osimage-no-such-pool", network="no-such-net",
+    req = preflight.PreflightRequest(uri=URI, pool="osimage-no-such-pool", network="no-such-net",
                               bridge=None, need_bytes=1)
     checks = checks_by_name(req)
     assert not checks["storage pool"].ok
     assert "pool-define-as osimage-no-such-pool dir" in checks["storage pool"].hint
     assert not checks["network"].ok and "net-list --all" in checks["network"].hint
     with pytest.raises(ConfigError) as info:
-        lv.raise_failed(list(checks.values()), "site.yaml")
+        preflight.raise_failed(list(checks.values()), "site.yaml")
     e = info.value
     assert e.exit_code == 2
     assert e.message == ("site.yaml: libvirt.pool: preflight check 'storage pool' failed: "
@@ -139,7 +141,8 @@ def test_preflight_inactive_pool_and_network(tmp_path: Path, libvirt_uri: str) -
                                   f"{tmp_path / 'p'}</path></target></pool>", 0)
     n = conn.networkDefineXML(f"<network><name>{name}</name></network>")
     try:
-        req = lv.PreflightRequest(uri=URI, pool=name, network=name, bridge=None, need_bytes=1)
+        req = preflight.PreflightRequest(uri=URI, pool=name, network=name, bridge=None,
+                                         need_bytes=1)
         checks = checks_by_name(req)
         assert not checks["storage pool"].ok
         assert checks["storage pool"].hint.endswith(f"pool-start {name} && virsh -c "
@@ -157,7 +160,7 @@ def test_preflight_free_space(pool: libvirtd.TestPool, network: libvirtd.TestNet
     assert "./build.py clean --yes" in check.hint
     # the source counts too until it is in the pool
     src = ("osimage-src-x-0123456789abcdef.iso", 1 << 49, "0" * 64)
-    req = lv.PreflightRequest(uri=URI, pool=pool.name, network=network.name, bridge=None,
+    req = preflight.PreflightRequest(uri=URI, pool=pool.name, network=network.name, bridge=None,
                               need_bytes=1 << 20, source=src)
     assert "needs 512.0 TiB" in checks_by_name(req)["free space in pool"].detail
 
@@ -171,12 +174,12 @@ def test_source_upload_round_trip(pool: libvirtd.TestPool, tmp_path: Path) -> No
     src.write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
     name = lv.source_volume_name("t", sha, ".iso")
-    got = lv.ensure_source_volume(pool.conn, pool.name, name, "raw", len(data), sha,
+    got = ensure_source_volume(pool.conn, pool.name, name, "raw", len(data), sha,
                                   binary(src))
     assert got.uploaded and got.size == len(data)
     assert {v.name() for v in pool.pool.listAllVolumes(0)} == {name, name + ".sha256"}
     # present now: the next build skips the upload
-    again = lv.ensure_source_volume(pool.conn, pool.name, name, "raw", len(data), sha,
+    again = ensure_source_volume(pool.conn, pool.name, name, "raw", len(data), sha,
                                     binary(src))
     assert not again.uploaded
     # and back out, byte for byte
@@ -195,7 +198,7 @@ def test_streams_over_ssh(pool: libvirtd.TestPool, ssh_uri: str, tmp_path: Path)
     src.write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
     with lv.connection(ssh_uri) as conn:
-        got = lv.ensure_source_volume(conn, pool.name, "remote.iso", "raw", len(data), sha,
+        got = ensure_source_volume(conn, pool.name, "remote.iso", "raw", len(data), sha,
                                       binary(src))
         assert got.uploaded
         back = libvirt_streams.download_stream(
@@ -211,7 +214,7 @@ def test_upload_without_stamp_is_done_again(pool: libvirtd.TestPool, tmp_path: P
     sha = hashlib.sha256(data).hexdigest()
     name = lv.source_volume_name("t", sha, ".qcow2")
     lv.create_volume(pool.conn, pool.name, name, len(data), "raw")  # left empty
-    got = lv.ensure_source_volume(pool.conn, pool.name, name, "raw", len(data), sha, binary(src))
+    got = ensure_source_volume(pool.conn, pool.name, name, "raw", len(data), sha, binary(src))
     assert got.uploaded
     vol = lv.lookup_volume(pool.conn, pool.name, name)
     assert libvirt_streams.hash_volume(pool.conn, vol, len(data)).sha256 == sha
@@ -223,7 +226,7 @@ def test_upload_with_wrong_checksum_leaves_nothing(pool: libvirtd.TestPool,
     src.write_bytes(b"x" * 100000)
     name = lv.source_volume_name("t", "f" * 64, ".iso")
     with pytest.raises(BuildError, match=r"the image's checksum says f{64}"):
-        lv.ensure_source_volume(pool.conn, pool.name, name, "raw", 100000, "f" * 64,
+        ensure_source_volume(pool.conn, pool.name, name, "raw", 100000, "f" * 64,
                                 binary(src))
     assert pool.pool.listAllVolumes(0) == []
 
@@ -245,7 +248,7 @@ def test_upload_cut_short_leaves_nothing(pool: libvirtd.TestPool) -> None:
         return contextlib.nullcontext(cast(IO[bytes], Failing()))
 
     with pytest.raises(BuildError, match="source went away"):
-        lv.ensure_source_volume(pool.conn, pool.name, "cut.iso", "raw", 8 << 20, "0" * 64,
+        ensure_source_volume(pool.conn, pool.name, "cut.iso", "raw", 8 << 20, "0" * 64,
                                 opener)
     assert pool.pool.listAllVolumes(0) == []
 
@@ -268,7 +271,7 @@ def test_upload_from_http_url(pool: libvirtd.TestPool, tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{server.server_address[1]}/boot.iso"
         size = libvirt_steps._url_size(url)
         sha = hashlib.sha256(data).hexdigest()
-        got = lv.ensure_source_volume(pool.conn, pool.name, "src.iso", "raw", size, sha,
+        got = ensure_source_volume(pool.conn, pool.name, "src.iso", "raw", size, sha,
                                       partial(libvirt_steps._open_url, url))
     finally:
         server.shutdown()

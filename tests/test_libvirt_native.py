@@ -25,6 +25,7 @@ import pytest
 
 from osimage import libvirt_backend as lv
 from osimage import libvirt_native as native
+from osimage import libvirt_streams
 from osimage.errors import BuildError, ConfigError
 from osimage.libvirt_native import Keys, Wait, parse_boot_command
 from tests.conftest import PROJECT
@@ -162,8 +163,9 @@ def upload_smoke(conn: Any, env: NetnsLibvirt, smoke_sources: Path) -> Any:
         with disk.open("rb") as f:
             yield f
 
-    src = lv.ensure_source_volume(conn, env.pool, "osimage-src-smoke.qcow2", "qcow2", len(data),
-                                  hashlib.sha256(data).hexdigest(), opener)
+    src = libvirt_streams.ensure_source_volume(conn, env.pool, "osimage-src-smoke.qcow2",
+                                               "qcow2", len(data),
+                                               hashlib.sha256(data).hexdigest(), opener)
     return lv.lookup_volume(conn, env.pool, src.name)
 
 
