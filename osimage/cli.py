@@ -49,6 +49,10 @@ def _reporter() -> Any:
 site_option = click.option("--site", "site_file", type=click.Path(path_type=Path, dir_okay=False),
                            help="Site file (default: site.yaml at the root, else the embedded "
                                 "defaults: local qemu backend, local mirror/).")
+replace_option = click.option(
+    "--replace", is_flag=True,
+    help="Give files of this version already on the mirror other bytes (refused without it; "
+         "never allowed for a version a release records).")
 release_option = click.option("--release", metavar="X",
                               help="Release to build (the version becomes X, or X-dirty).")
 
@@ -77,6 +81,7 @@ def cli() -> None:
 @click.option("--keep-failed", is_flag=True,
               help="Keep the output of a failed build in build/IMAGE/VERSION/ for inspection.")
 @click.option("--no-publish", is_flag=True, help="Build and record, but do not publish.")
+@replace_option
 @click.option("--accept-new-host-key", is_flag=True,
               help="Trust an SSH mirror whose host key is not in known_hosts yet, and add it "
                    "(a changed host key is always refused).")
@@ -95,7 +100,7 @@ def cli() -> None:
 def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Path | None,
               keep_failed: bool, no_publish: bool, debug: bool, break_before: tuple[str, ...],
               break_after: tuple[str, ...], create_patches: bool,
-              accept_new_host_key: bool) -> None:
+              accept_new_host_key: bool, replace: bool) -> None:
     """Build IMAGE (the default command: ./build.py IMAGE)."""
     from osimage.pipeline import BuildOptions, run_build
 
@@ -105,8 +110,28 @@ def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Pat
     opts = BuildOptions(image=image, release=release, skip_commit=skip_commit,
                         site_file=site_file, keep_failed=keep_failed, publish=not no_publish,
                         debug=debug, break_before=break_before, break_after=break_after,
-                        create_patches=create_patches)
+                        create_patches=create_patches, replace=replace)
     run_build(project_root(), opts, _reporter())
+
+
+@cli.command("publish")
+@click.argument("image")
+@click.argument("version")
+@replace_option
+@click.option("--accept-new-host-key", is_flag=True,
+              help="Trust an SSH mirror whose host key is not in known_hosts yet, and add it.")
+@site_option
+def publish_cmd(image: str, version: str, replace: bool, accept_new_host_key: bool,
+                site_file: Path | None) -> None:
+    """Publish the build of IMAGE VERSION kept after its publish failed or was interrupted
+    (build/IMAGE/VERSION/), then record it; only what the mirror does not have is sent."""
+    from osimage.pending import publish_kept
+
+    if accept_new_host_key:
+        os.environ["OSIMAGE_ACCEPT_NEW_HOST_KEY"] = "1"
+    root = project_root()
+    paths = publish_kept(root, image, version, site_file, replace, _reporter())
+    click.echo(f"published {image} {version}: {', '.join(paths[::2])}")
 
 
 @cli.command("render")
