@@ -73,6 +73,15 @@ def kept(e: FactoryError, work_dir: Path, image: str, version: str) -> FactoryEr
     return type(e)(e.message, hint=hint)
 
 
+def sent(mirror: object) -> str:
+    """What a publish moved, for the terminal: an SSH mirror counts it (TransferStats)."""
+    stats = getattr(mirror, "stats", None)
+    if stats is None:
+        return ""
+    return (f" (sent {stats.bytes_sent / 2**20:.1f} MiB, resumed {stats.bytes_resumed / 2**20:.1f}"
+            f" MiB, {stats.files_already_there} file(s) already there)")
+
+
 def publish_kept(root: Path, image: str, version: str, site_file: Path | None, replace: bool,
                  reporter: Reporter) -> list[str]:
     """./build.py publish IMAGE VERSION: publish the kept build and record it."""
@@ -105,7 +114,7 @@ def publish_kept(root: Path, image: str, version: str, site_file: Path | None, r
             with reporter.step("publish to mirror"):
                 mirror = open_mirror(site.mirror_url, root, site.data["mirror"])
                 paths = mirror.publish(arts, dest, replace)
-                reporter.info(f"    {mirror.describe()}: {dest}/")
+                reporter.info(f"    {mirror.describe()}: {dest}/{sent(mirror)}")
             with reporter.step("record in manifest.json"):
                 image_manifest = root / "images" / image / "manifest.json"
                 manifest.append_build(image_manifest, entry)

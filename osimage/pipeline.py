@@ -419,7 +419,7 @@ def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         ctx.mirror_paths = mirror.publish(ctx.artifacts, ctx.mirror_dest, ctx.replace)
     except FactoryError as e:
         raise pending.kept(e, ctx.work_dir, ctx.image.name, ctx.version) from None
-    ctx.reporter.info(f"    {mirror.describe()}: {ctx.mirror_dest}/")
+    ctx.reporter.info(f"    {mirror.describe()}: {ctx.mirror_dest}/{pending.sent(mirror)}")
 
 
 def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
@@ -526,6 +526,15 @@ def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContex
                      if s[1] not in (step_publish, step_manifest, step_check_mirror,
                                      step_check_release, step_check_published)]
         steps = backend_steps(ctx, mode_steps(ctx, steps))
+        # checks that may refuse the build run before it takes the work dir: a refused build
+        # leaves nothing behind
+        checks = (step_check_mirror, step_check_release, step_check_published)
+        with contextlib.ExitStack() as stack:
+            for name, step in [s for s in steps if s[1] in checks]:
+                runner.check_interrupted()
+                with reporter.step(name):
+                    step(ctx, stack)
+        steps = [s for s in steps if s[1] not in checks]
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             for name, step in steps:
                 runner.check_interrupted()
