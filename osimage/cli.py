@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from osimage.errors import EXIT_INTERRUPTED, EXIT_USAGE, FactoryError
+from osimage.errors import EXIT_INTERRUPTED, EXIT_USAGE, FactoryError, Interrupted
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -348,8 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = cli.main(args=args, prog_name="build.py", standalone_mode=False)
     except FactoryError as e:
+        from osimage.runner import interruption
         from osimage.ui import Reporter
 
+        # a command that a terminal's Ctrl-C reached too (it is in our process group) fails:
+        # the stop request is the cause to report
+        if not isinstance(e, Interrupted):
+            e = interruption() or e
         Reporter().error(e.message, e.hint)
         return e.exit_code
     except click.exceptions.Abort:

@@ -89,11 +89,18 @@ def stop_requested() -> bool:
     return _stop.signum is not None
 
 
+def interruption() -> Interrupted | None:
+    """The error for the stop request, if one arrived (also after forwarded_signals ended)."""
+    if _stop.signum is None:
+        return None
+    name = signal.Signals(_stop.signum).name
+    return Interrupted(f"interrupted by {name}; the build was stopped and cleaned up")
+
+
 def check_interrupted() -> None:
     """Raise Interrupted if a stop was requested between commands."""
-    if _stop.signum is not None:
-        name = signal.Signals(_stop.signum).name
-        raise Interrupted(f"interrupted by {name}; the build was stopped and cleaned up")
+    if (stop := interruption()) is not None:
+        raise stop
 
 
 def group_alive(pgid: int) -> bool:

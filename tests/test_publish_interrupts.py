@@ -117,7 +117,7 @@ def test_failed_http_check_leaves_nothing_published_and_the_build_kept(
     assert again.returncode == 0, again.stderr
     size = kept.stat().st_size
     sent = re.search(r"sent ([\d.]+) MiB, resumed ([\d.]+) MiB", again.stderr)
-    assert sent is not None and float(sent.group(1)) <= 1.1, again.stderr  # the last MiB only
+    assert sent is not None and float(sent.group(1)) < 2.1, again.stderr  # the tail only
     assert final_names(target) == ["smoke.qcow2", "smoke.qcow2.sha256"]
     assert artifacts.hash_file(target / "smoke.qcow2")[0] == size
     recorded = json.loads((repo / "images/smoke/manifest.json").read_text())["builds"]
