@@ -196,7 +196,7 @@ def test_two_hosts_publish_the_same_version(repo: Path, ssh: SSHServer, tmp_path
             time.sleep(0.02)
         second = build_py(other, "publish", "smoke", "1.0", "--site", str(site))
         still_uploading = first.poll() is None
-        out, err = first.communicate(timeout=120)
+        _, err = first.communicate(timeout=120)
         # the loser's build is kept; publishing it later is refused: other bytes, no --replace
         again = build_py(other, "publish", "smoke", "1.0", "--site", str(site))
     assert first.returncode == 0, err

@@ -68,7 +68,7 @@ def test_signal_mid_upload_stops_at_once_and_publishes_nothing(
             os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         else:
             os.kill(proc.pid, getattr(signal, sig))
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         stopped = time.monotonic() - t0
         assert proc.returncode == 130, err
         print(f"{sig}: stopped {stopped:.3f} s after the signal")
@@ -125,7 +125,8 @@ def test_failed_http_check_leaves_nothing_published_and_the_build_kept(
 
 
 @pytest.mark.vm
-@pytest.mark.parametrize("moment", ["first step", "VM running"])
+@pytest.mark.parametrize("moment", ["starting", "==> prepare source", "==> make build key",
+                                    "Waiting for SSH"])
 def test_ctrl_c_to_the_process_group_prints_no_traceback(repo: Path, moment: str) -> None:
     before = qemu_pids(repo)
     proc = subprocess.Popen([sys.executable, str(repo / "build.py"), "smoke"], cwd=repo, env=ENV,
@@ -133,17 +134,20 @@ def test_ctrl_c_to_the_process_group_prints_no_traceback(repo: Path, moment: str
                             stdin=subprocess.DEVNULL, start_new_session=True)
     assert proc.stdout is not None
     seen = []
-    wanted = "==> " if moment == "first step" else "Waiting for SSH"
-    for line in proc.stdout:
-        seen.append(line)
-        if wanted in line:
-            break
+    if moment == "starting":
+        time.sleep(0.15)  # Python is importing the project
     else:
-        pytest.fail("the build ended first:\n" + "".join(seen))
+        for line in proc.stdout:
+            seen.append(line)
+            if moment in line:
+                break
+        else:
+            pytest.fail("the build ended first:\n" + "".join(seen))
     os.killpg(proc.pid, signal.SIGINT)
     rest, _ = proc.communicate(timeout=60)
     out = "".join(seen) + rest
-    assert proc.returncode == 130, out
+    # -SIGINT: the signal came before Python installed its handler, as a shell shows it: 130
+    assert proc.returncode in ((130, -signal.SIGINT) if moment == "starting" else (130,)), out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     assert not (qemu_pids(repo) - before)
     assert not list((repo / "build/smoke").glob("*/output"))
@@ -169,7 +173,8 @@ def test_lost_terminal_during_debug_cleans_up(repo: Path) -> None:
     assert isinstance(match, re.Match)
     key = Path(match.group(1))
     assert key.exists() and qemu_pids(repo) - before_vms
-    child.ptyproc.fileobj.close()  # the terminal is gone: the kernel hangs up the session
+    # the terminal is gone: closing its master side makes the kernel hang up the session
+    child.ptyproc.fileobj.close()  # type: ignore[attr-defined]
     deadline = time.monotonic() + 60
     while child.isalive() and time.monotonic() < deadline:
         time.sleep(0.1)
