@@ -6,6 +6,7 @@ Heavy modules are imported inside the commands so that --help stays fast.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -345,6 +346,24 @@ def clean_cmd(older_than: str, yes: bool, uri: str | None, prefix: str,
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status instead of exiting."""
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _main(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError as e:
+        if e.errno not in (errno.EIO, errno.EPIPE):
+            raise
+        # the terminal is gone (SIGHUP, a closed pipe): nobody reads the output any more, and
+        # the exit status must not become Python's 120 for an unflushable stream
+        devnull = open(os.devnull, "w")  # noqa: SIM115 (lives until the process ends)
+        sys.stdout = sys.stderr = devnull
+        from osimage.runner import interruption
+
+        code = EXIT_INTERRUPTED if interruption() is not None else 1
+    return code
+
+
+def _main(args: list[str]) -> int:
     try:
         result = cli.main(args=args, prog_name="build.py", standalone_mode=False)
     except FactoryError as e:
