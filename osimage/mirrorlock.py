@@ -31,6 +31,10 @@ class PublishRefused(FactoryError):
     exit_code = EXIT_USAGE
 
 
+class PublishLocked(BuildError):
+    """Another publisher holds the folder's lock: nothing was published."""
+
+
 def refuse_replacing(shown: str, changed: list[str]) -> PublishRefused:
     """The one message for 'a published file would get other bytes'."""
     names = ", ".join(changed)
@@ -88,7 +92,7 @@ class PublishLock:
             if not _stale(holder, age):
                 who = (f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since "
                        f"{holder.get('since', '?')}") if holder else "another publish"
-                raise BuildError(f"mirror: locked by {who}: {self.shown}; nothing was "
+                raise PublishLocked(f"mirror: locked by {who}: {self.shown}; nothing was "
                                  "published", hint="another host publishes the same version "
                                  "now; a lock whose publisher died is taken over after "
                                  f"{STALE_SECONDS / 60:.0f} minutes")

@@ -60,10 +60,13 @@ def command(image: str, version: str, replace: bool = False) -> str:
 
 def kept(e: FactoryError, work_dir: Path, image: str, version: str) -> FactoryError:
     """e, with a hint that tells how to publish the kept build (and nothing it would not do)."""
-    from osimage.mirrorlock import PublishRefused
+    from osimage.mirrorlock import PublishLocked, PublishRefused
 
     if isinstance(e, PublishRefused):
         how = f"`{command(image, version, True)}` replaces them"
+    elif isinstance(e, PublishLocked):
+        how = (f"if the other publish does not finish, `{command(image, version)}` "
+               "publishes this one")
     else:
         how = (f"`{command(image, version)}` publishes it, sending only what the mirror "
                "does not have yet")
