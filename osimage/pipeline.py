@@ -409,6 +409,10 @@ def step_check_published(ctx: BuildContext, stack: contextlib.ExitStack) -> None
                              f"({', '.join(found)}): a published version is not built again",
                              hint="commit a change (a new version), or pass --replace to build "
                                   "it again and replace its files")
+    if pending.exists(ctx.work_dir):
+        ctx.reporter.warn(f"{ctx.work_dir} keeps a build of this version that was not published: "
+                          f"`{pending.command(ctx.image.name, ctx.version)}` would publish it "
+                          "without building again; this build replaces it")
 
 
 def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:

@@ -303,7 +303,7 @@ class Publish:
                 return bool(f.read() == item.data)
         try:
             verify_http(self._http_url(dest, item.name), item.size, item.sha256,
-                        tick=check_interrupted)
+                        tick=self._tick)
         except BuildError:
             return False  # not the right bytes (or not served)
         return True
