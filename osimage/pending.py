@@ -116,7 +116,10 @@ def publish_kept(root: Path, image: str, version: str, site_file: Path | None, r
                 f"    waiting for the build of {image} {version} ({work_dir}.lock)")):
             with reporter.step("publish to mirror"):
                 mirror = open_mirror(site.mirror_url, root, site.data["mirror"])
-                paths = mirror.publish(arts, dest, replace)
+                try:
+                    paths = mirror.publish(arts, dest, replace)
+                except FactoryError as e:
+                    raise kept(e, work_dir, image, version) from None
                 reporter.info(f"    {mirror.describe()}: {dest}/{sent(mirror)}")
             with reporter.step("record in manifest.json"):
                 image_manifest = root / "images" / image / "manifest.json"
