@@ -122,6 +122,8 @@ def publish_kept(root: Path, image: str, version: str, site_file: Path | None, r
                     raise kept(e, work_dir, image, version) from None
                 reporter.info(f"    {mirror.describe()}: {dest}/{sent(mirror)}")
             with reporter.step("record in manifest.json"):
+                # saved before its publish: now it is published, and where
+                entry["custom_data"].update(published=True, mirror_path=dest)
                 image_manifest = root / "images" / image / "manifest.json"
                 manifest.append_build(image_manifest, entry)
                 clear(work_dir)

@@ -99,8 +99,9 @@ def test_failed_http_check_leaves_nothing_published_and_the_build_kept(
         repo: Path, ssh: SSHServer, tmp_path: Path) -> None:
     version = f"g{git(repo, 'rev-parse', 'HEAD').strip()[:10]}"
     target = ssh.root / "builds/smoke" / version
-    (tmp_path / "elsewhere").mkdir()
-    with HTTPServer(tmp_path / "elsewhere") as wrong:  # serves another folder: every GET 404s
+    # the web server answers the check before the VM (a probe at the mirror's root) but not
+    # for builds/: the HTTP check after the upload fails
+    with HTTPServer(ssh.root, hide="/builds/") as wrong:
         proc = build_py(repo, "smoke", "--site", str(ssh_site(repo, ssh, wrong.url)))
     assert proc.returncode == 1, proc.stderr
     [line] = errors_of(proc.stderr)
@@ -122,6 +123,9 @@ def test_failed_http_check_leaves_nothing_published_and_the_build_kept(
     assert artifacts.hash_file(target / "smoke.qcow2")[0] == size
     recorded = json.loads((repo / "images/smoke/manifest.json").read_text())["builds"]
     assert [b["custom_data"]["version"] for b in recorded] == [version]
+    # recorded as published, where it was published: release record takes it
+    assert recorded[0]["custom_data"]["published"] is True
+    assert recorded[0]["custom_data"]["mirror_path"] == f"builds/smoke/{version}"
 
 
 @pytest.mark.vm
