@@ -3,7 +3,9 @@
 
 import sys
 
-from osimage.cli import main
-
 if __name__ == "__main__":
+    try:
+        from osimage.cli import main
+    except KeyboardInterrupt:  # a Ctrl-C while starting: no traceback either
+        sys.exit(130)
     sys.exit(main(sys.argv[1:]))

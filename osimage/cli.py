@@ -6,6 +6,7 @@ Heavy modules are imported inside the commands so that --help stays fast.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import click
 
-from osimage.errors import EXIT_INTERRUPTED, EXIT_USAGE, FactoryError
+from osimage.errors import EXIT_INTERRUPTED, EXIT_USAGE, FactoryError, Interrupted
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -49,6 +50,10 @@ def _reporter() -> Any:
 site_option = click.option("--site", "site_file", type=click.Path(path_type=Path, dir_okay=False),
                            help="Site file (default: site.yaml at the root, else the embedded "
                                 "defaults: local qemu backend, local mirror/).")
+replace_option = click.option(
+    "--replace", is_flag=True,
+    help="Give files of this version already on the mirror other bytes (refused without it; "
+         "never allowed for a version a release records).")
 release_option = click.option("--release", metavar="X",
                               help="Release to build (the version becomes X, or X-dirty).")
 
@@ -77,6 +82,7 @@ def cli() -> None:
 @click.option("--keep-failed", is_flag=True,
               help="Keep the output of a failed build in build/IMAGE/VERSION/ for inspection.")
 @click.option("--no-publish", is_flag=True, help="Build and record, but do not publish.")
+@replace_option
 @click.option("--accept-new-host-key", is_flag=True,
               help="Trust an SSH mirror whose host key is not in known_hosts yet, and add it "
                    "(a changed host key is always refused).")
@@ -95,7 +101,7 @@ def cli() -> None:
 def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Path | None,
               keep_failed: bool, no_publish: bool, debug: bool, break_before: tuple[str, ...],
               break_after: tuple[str, ...], create_patches: bool,
-              accept_new_host_key: bool) -> None:
+              accept_new_host_key: bool, replace: bool) -> None:
     """Build IMAGE (the default command: ./build.py IMAGE)."""
     from osimage.pipeline import BuildOptions, run_build
 
@@ -107,8 +113,28 @@ def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Pat
     opts = BuildOptions(image=image, release=release, skip_commit=skip_commit,
                         site_file=site_file, keep_failed=keep_failed, publish=not no_publish,
                         debug=debug, break_before=break_before, break_after=break_after,
-                        create_patches=create_patches)
+                        create_patches=create_patches, replace=replace)
     run_build(project_root(), opts, _reporter())
+
+
+@cli.command("publish")
+@click.argument("image")
+@click.argument("version")
+@replace_option
+@click.option("--accept-new-host-key", is_flag=True,
+              help="Trust an SSH mirror whose host key is not in known_hosts yet, and add it.")
+@site_option
+def publish_cmd(image: str, version: str, replace: bool, accept_new_host_key: bool,
+                site_file: Path | None) -> None:
+    """Publish the build of IMAGE VERSION kept after its publish failed or was interrupted
+    (build/IMAGE/VERSION/), then record it; only what the mirror does not have is sent."""
+    from osimage.pending import publish_kept
+
+    if accept_new_host_key:
+        os.environ["OSIMAGE_ACCEPT_NEW_HOST_KEY"] = "1"
+    root = project_root()
+    paths = publish_kept(root, image, version, site_file, replace, _reporter())
+    click.echo(f"published {image} {version}: {', '.join(paths[::2])}")
 
 
 @cli.command("render")
@@ -345,10 +371,33 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status instead of exiting."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        code = _main(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError as e:
+        if e.errno not in (errno.EIO, errno.EPIPE):
+            raise
+        # the terminal is gone (SIGHUP, a closed pipe): nobody reads the output any more, and
+        # the exit status must not become Python's 120 for an unflushable stream
+        devnull = open(os.devnull, "w")  # noqa: SIM115 (lives until the process ends)
+        sys.stdout = sys.stderr = devnull
+        from osimage.runner import interruption
+
+        code = EXIT_INTERRUPTED if interruption() is not None else 1
+    return code
+
+
+def _main(args: list[str]) -> int:
+    try:
         result = cli.main(args=args, prog_name="build.py", standalone_mode=False)
     except FactoryError as e:
+        from osimage.runner import interruption
         from osimage.ui import Reporter
 
+        # a command that a terminal's Ctrl-C reached too (it is in our process group) fails:
+        # the stop request is the cause to report
+        if not isinstance(e, Interrupted):
+            e = interruption() or e
         Reporter().error(e.message, e.hint)
         return e.exit_code
     except click.exceptions.Abort:

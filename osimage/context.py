@@ -44,6 +44,7 @@ class BuildContext:
     artifacts: list[Artifact] = field(default_factory=list)
     mirror_paths: list[str] = field(default_factory=list)
     create_patches: bool = False  # --create-patches: the build makes a patch tarball
+    replace: bool = False  # --replace: this version's files on the mirror may change
     patches: AppliedPatches | None = None  # the release's patch tarball, verified
     http_dir: Path | None = None  # http_directory rendered for this build (osimage/httpdir.py)
     payload: Any = None  # payload.Payload: a release's image embedded in this one

@@ -2,7 +2,9 @@
 
 The embedded default is a local folder (mirror/ at the root) with the production layout.
 Files are copied under a temporary name and renamed into place only when all of them are
-complete, so no partial file is ever visible under its final name.
+complete, so no partial file is ever visible under its final name. A published file never
+changes: a publish that would give one other bytes is refused unless replace (--replace), and
+one publisher at a time holds the folder's lock (osimage/mirrorlock.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import contextlib
 import os
 import posixpath
 import re
-import shutil
 import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
@@ -19,21 +20,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from osimage.artifacts import Artifact
+from osimage.artifacts import Artifact, hash_file
 from osimage.errors import BuildError, ConfigError
 from osimage.fsutil import fsync_dir
+from osimage.mirrorlock import LocalLockFiles, PublishLock, lock_path, refuse_replacing
 from osimage.runner import check_interrupted
 
 LAYOUT = ("builds", "repos/Rocky8")
 SCHEMES = ("file", "ssh")
 SSH_FORM = "ssh://USER@HOST[:PORT]/ROOT"
+COPY_CHUNK = 64 << 20
 
 
 class Mirror(Protocol):
     def describe(self) -> str: ...
 
-    def publish(self, artifacts: Sequence[Artifact], dest: str) -> list[str]:
-        """Publish files under dest (e.g. builds/smoke/1.0); return their mirror paths."""
+    def publish(self, artifacts: Sequence[Artifact], dest: str,
+                replace: bool = False) -> list[str]:
+        """Publish files under dest (e.g. builds/smoke/1.0); return their mirror paths.
+
+        A file already there with other bytes is refused (PublishRefused) unless replace."""
+        ...
+
+    def existing(self, dest: str) -> list[str]:
+        """The names of the files published under dest (partial uploads left out)."""
         ...
 
 
@@ -52,26 +62,46 @@ class LocalMirror:
         for sub in LAYOUT:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
-    def publish(self, artifacts: Sequence[Artifact], dest: str) -> list[str]:
-        self.ensure_layout()
-        target = self.root / dest
-        target.mkdir(parents=True, exist_ok=True)
-        sources: list[Path] = []
-        for a in artifacts:
-            sources += [a.path, a.checksum_path]
-        staged: list[tuple[Path, Path]] = []
+    def existing(self, dest: str) -> list[str]:
         try:
-            for src in sources:
+            return sorted(p.name for p in (self.root / dest).iterdir()
+                          if not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def publish(self, artifacts: Sequence[Artifact], dest: str,
+                replace: bool = False) -> list[str]:
+        target = self.root / dest
+        sources: list[tuple[Path, str | None]] = []
+        for a in artifacts:
+            sources += [(a.path, a.sha256), (a.checksum_path, None)]
+        staged: list[tuple[Path, Path]] = []
+        lock: PublishLock | None = None
+        try:
+            self.ensure_layout()
+            target.mkdir(parents=True, exist_ok=True)
+            lock = PublishLock(LocalLockFiles(), str(target), lock_path(str(target)))
+            lock.acquire()
+            todo: list[Path] = []
+            changed: list[str] = []
+            for src, sha256 in sources:
+                final = target / src.name
+                if final.exists():
+                    if _same_bytes(src, sha256, final):
+                        continue
+                    changed.append(src.name)
+                todo.append(src)
+            if changed and not replace:
+                raise refuse_replacing(f"{self.describe()}: {dest}", changed)
+            for src in todo:
                 check_interrupted()
                 final = target / src.name
                 tmp = temp_name(final)
                 staged.append((tmp, final))
-                shutil.copyfile(src, tmp)  # sendfile: the bytes never pass through Python
-                with tmp.open("rb+") as f:
-                    os.fsync(f.fileno())
+                _copy(src, tmp, lock)
                 if tmp.stat().st_size != src.stat().st_size:
                     raise BuildError(f"{final}: copy is incomplete")
-            check_interrupted()
+            check_interrupted()  # nothing is put in place after a stop request
             for tmp, final in staged:
                 os.replace(tmp, final)
             fsync_dir(target)
@@ -82,7 +112,27 @@ class LocalMirror:
             for tmp, _ in staged:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
-        return [f"{dest}/{src.name}" for src in sources]
+            if lock is not None:
+                lock.release()
+        return [f"{dest}/{src.name}" for src, _ in sources]
+
+
+def _copy(src: Path, dst: Path, lock: PublishLock) -> None:
+    """Copy with sendfile (the bytes never pass through Python) in chunks short enough that a
+    stop request is seen within a fraction of a second."""
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        offset = 0
+        while sent := os.sendfile(fout.fileno(), fin.fileno(), offset, COPY_CHUNK):
+            offset += sent
+            check_interrupted()
+            lock.heartbeat()
+        os.fsync(fout.fileno())
+
+
+def _same_bytes(src: Path, sha256: str | None, final: Path) -> bool:
+    if sha256 is None:  # a small NAME.sha256 file
+        return src.read_bytes() == final.read_bytes()
+    return hash_file(final)[1] == sha256 if final.stat().st_size == src.stat().st_size else False
 
 
 def open_mirror(url: str, root: Path, settings: Mapping[str, Any] | None = None) -> Mirror:

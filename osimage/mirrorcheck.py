@@ -160,7 +160,7 @@ def _statvfs(sftp: paramiko.SFTPClient, path: str) -> tuple[int | None, bool]:
     import paramiko
     from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 
-    from osimage.sshmirror import _Wire
+    from osimage.sshpublish import _Wire
 
     try:
         kind, msg = _Wire(sftp).request(CMD_EXTENDED, "statvfs@openssh.com", path)

@@ -31,6 +31,7 @@ from osimage import (
     packer,
     patches,
     payload,
+    pending,
     render,
     runner,
 )
@@ -38,6 +39,7 @@ from osimage.context import BuildContext
 from osimage.errors import BuildError, ConfigError, FactoryError
 from osimage.fsutil import waiting_lock
 from osimage.mirror import open_mirror
+from osimage.mirrorlock import PublishRefused
 from osimage.registrycheck import step_check_registry
 from osimage.ui import Reporter
 
@@ -56,6 +58,7 @@ class BuildOptions:
     debug: bool = False
     break_before: tuple[str, ...] = ()
     break_after: tuple[str, ...] = ()
+    replace: bool = False  # --replace: files of this version on the mirror may get other bytes
 
     @property
     def interactive(self) -> bool:
@@ -83,6 +86,7 @@ def prepare(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
                        release=opts.release, work_dir=build_dir / image.name / version,
                        keep_failed=opts.keep_failed, reporter=reporter, debug=opts.debug,
                        break_before=list(opts.break_before), break_after=list(opts.break_after))
+    ctx.replace = opts.replace
     reporter.info(f"    image {image.name}, version {version}, commit {state.short}"
                   f"{' (dirty)' if state.dirty else ''}")
     if state.dirty:
@@ -265,6 +269,7 @@ def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     ctx.hcl_file = hcl
     # Packer refuses to validate or build into an output directory that already exists.
     shutil.rmtree(ctx.output_dir, ignore_errors=True)
+    pending.clear(ctx.work_dir)  # a kept build of this version whose publish failed: replaced
     ctx.packer_manifest.unlink(missing_ok=True)
     # packer validate runs while python-hcl2 parses the same text: two checks, one wait.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -354,7 +359,7 @@ def _packer_interactive(ctx: BuildContext,
 def _drop_unrecorded_output(ctx: BuildContext) -> None:
     if ctx.interactive and ctx.artifacts and all(a.sha256 for a in ctx.artifacts):
         return  # a finished debug build keeps its hashed output for the user to look at
-    if not ctx.mirror_paths and not ctx.keep_failed:
+    if not ctx.mirror_paths and not ctx.keep_failed and not pending.exists(ctx.work_dir):
         shutil.rmtree(ctx.output_dir, ignore_errors=True)
 
 
@@ -424,10 +429,36 @@ def _expected_size(ctx: BuildContext) -> mirrorcheck.Expected | None:
     return None
 
 
+def step_check_release(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    """A version a release records never changes: refused before anything is built."""
+    pending.check_not_released(ctx.root, ctx.image.name, ctx.version)
+
+
+def step_check_published(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    """A version already on the mirror is built again only with --replace (a new build has
+    other bytes, and a published file does not change without it)."""
+    mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
+    found = mirror.existing(ctx.mirror_dest)
+    if found and not ctx.replace:
+        raise PublishRefused(f"{mirror.describe()}: {ctx.mirror_dest} is already published "
+                             f"({', '.join(found)}): a published version is not built again",
+                             hint="commit a change (a new version), or pass --replace to build "
+                                  "it again and replace its files")
+    if pending.exists(ctx.work_dir):
+        ctx.reporter.warn(f"{ctx.work_dir} keeps a build of this version that was not published: "
+                          f"`{pending.command(ctx.image.name, ctx.version)}` would publish it "
+                          "without building again; this build replaces it")
+
+
 def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
-    ctx.mirror_paths = mirror.publish(ctx.artifacts, ctx.mirror_dest)
-    ctx.reporter.info(f"    {mirror.describe()}: {ctx.mirror_dest}/")
+    pending.check_not_released(ctx.root, ctx.image.name, ctx.version)  # recorded meanwhile?
+    pending.save(ctx.work_dir, ctx.mirror_dest, ctx.artifacts, manifest_entry(ctx))
+    try:
+        ctx.mirror_paths = mirror.publish(ctx.artifacts, ctx.mirror_dest, ctx.replace)
+    except FactoryError as e:
+        raise pending.kept(e, ctx.work_dir, ctx.image.name, ctx.version) from None
+    ctx.reporter.info(f"    {mirror.describe()}: {ctx.mirror_dest}/{pending.sent(mirror)}")
 
 
 def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
@@ -460,6 +491,7 @@ def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
 
 def step_manifest(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     manifest.append_build(ctx.image_manifest, manifest_entry(ctx))
+    pending.clear(ctx.work_dir)
     ctx.reporter.info(f"    recorded run {ctx.run_uuid} in "
                    f"{ctx.image_manifest.relative_to(ctx.root)}")
 
@@ -467,6 +499,8 @@ def step_manifest(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 BUILD_STEPS: list[tuple[str, Step]] = [
     ("check mirror", step_check_mirror),
     ("check registry", step_check_registry),  # images that push an OCI export only
+    ("check release", step_check_release),  # a released version is never built again
+    ("check published", step_check_published),
     ("security patches", patches.step_fetch),  # before anything else: a --release build
     ("prepare source", step_source),
     ("resolve payload", payload.step_resolve),  # images that embed a release's image only
@@ -488,7 +522,8 @@ def mode_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[s
     neither hashed, published nor recorded, and the tarball is published only when the
     build publishes. A --release build first fetches and checks its patch tarball."""
     if ctx.create_patches:
-        drop: set[Step] = {patches.step_fetch, step_checksums, step_publish, step_manifest}
+        drop: set[Step] = {patches.step_fetch, step_checksums, step_publish, step_manifest,
+                           step_check_release, step_check_published}
         if not any(s[1] is step_publish for s in steps):
             drop.add(patches.step_publish)
     else:
@@ -526,12 +561,24 @@ def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContex
         patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
         steps = BUILD_STEPS
         # A build that does not publish touches neither the mirror nor the registry.
-        publishing = {step_publish, step_check_mirror, *exports.PUBLISH_STEPS}
+        publishing = {step_publish, step_check_mirror, step_check_registry,
+                      step_check_published, *exports.PUBLISH_STEPS}
         if not opts.publish:
             steps = [s for s in steps if s[1] not in publishing]
         if opts.interactive:  # a debug build is never published nor recorded
-            steps = [s for s in steps if s[1] not in publishing | {step_manifest}]
+            steps = [s for s in steps
+                     if s[1] not in publishing | {step_manifest, step_check_release}]
         steps = backend_steps(ctx, mode_steps(ctx, steps))
+        # checks that may refuse the build run before it takes the work dir: a refused build
+        # leaves nothing behind
+        checks = (step_check_mirror, step_check_registry, step_check_release,
+                  step_check_published)
+        with contextlib.ExitStack() as stack:
+            for name, step in [s for s in steps if s[1] in checks]:
+                runner.check_interrupted()
+                with reporter.step(name):
+                    step(ctx, stack)
+        steps = [s for s in steps if s[1] not in checks]
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             for name, step in steps:
                 runner.check_interrupted()
@@ -557,7 +604,8 @@ def render_only(root: Path, opts: BuildOptions, reporter: Reporter) -> Path:
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             upto = [s[1] for s in BUILD_STEPS].index(step_render) + 1
             steps = [s for s in BUILD_STEPS[:upto]
-                     if s[1] not in (step_check_mirror, step_check_registry)]
+                     if s[1] not in (step_check_mirror, step_check_registry,
+                                     step_check_release, step_check_published)]
             for name, step in backend_steps(ctx, mode_steps(ctx, steps)):
                 with reporter.step(name):
                     step(ctx, stack)

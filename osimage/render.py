@@ -15,6 +15,7 @@ import json
 import re
 import shlex
 import shutil
+import signal
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,15 @@ def sources_of(parsed: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
+# A Ctrl-C reaches the terminal's whole process group, the helper included: it must not answer
+# with a KeyboardInterrupt traceback. The build ends the helper itself (HCLChecker.close).
+_HELPER_IGNORES = {signal.SIGINT, signal.SIGHUP}
+
+
 def _checker_main(conn: Any) -> None:
+    for sig in _HELPER_IGNORES:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELPER_IGNORES)
     import hcl2.parser
 
     hcl2.parser.parser()
@@ -221,7 +230,12 @@ class HCLChecker:
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_checker_main, args=(child,), daemon=True)
-        self._proc.start()
+        # blocked across the fork, so no signal reaches the helper before it ignores them
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HELPER_IGNORES)
+        try:
+            self._proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELPER_IGNORES)
         child.close()
 
     def parse(self, text: str, shown: str) -> dict[str, Any]:

@@ -27,6 +27,9 @@ from osimage.errors import BuildError, Interrupted
 # its output), then SIGTERM, then SIGKILL: the whole stop stays well within 30 s.
 GRACE_SECONDS = 18.0
 TERM_SECONDS = 5.0
+# What Packer prints when it waits on its terminal (-debug, -on-error=ask)
+ASK_ENTER = b"Press enter to continue"
+ASK_CLEANUP = b"[c] Clean up and exit"
 
 
 # Secrets osimage reads from its own environment. No child inherits them: the code that needs
@@ -77,15 +80,20 @@ class _StopRequest:
 _stop = _StopRequest()
 
 
+# SIGHUP: the terminal was lost (a closed SSH session, a killed terminal window); without a
+# handler it would end the build at once, leaving the VM, the key folder and the output.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def forwarded_signals() -> Iterator[_StopRequest]:
-    """While active, SIGINT/SIGTERM only record a stop request; the runner acts on it."""
+    """While active, SIGINT/SIGTERM/SIGHUP only record a stop request; the runner acts on it."""
     if threading.current_thread() is not threading.main_thread():
         yield _stop
         return
     if _stop.depth == 0:
         _stop.signum, _stop.count = None, 0
-    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     _stop.depth += 1
     try:
         yield _stop
@@ -99,11 +107,18 @@ def stop_requested() -> bool:
     return _stop.signum is not None
 
 
+def interruption() -> Interrupted | None:
+    """The error for the stop request, if one arrived (also after forwarded_signals ended)."""
+    if _stop.signum is None:
+        return None
+    name = signal.Signals(_stop.signum).name
+    return Interrupted(f"interrupted by {name}; the build was stopped and cleaned up")
+
+
 def check_interrupted() -> None:
     """Raise Interrupted if a stop was requested between commands."""
-    if _stop.signum is not None:
-        name = signal.Signals(_stop.signum).name
-        raise Interrupted(f"interrupted by {name}; the build was stopped and cleaned up")
+    if (stop := interruption()) is not None:
+        raise stop
 
 
 def group_alive(pgid: int) -> bool:
@@ -216,16 +231,10 @@ def run(
             while not exited.wait(0.2):
                 if stop.signum is None:
                     continue
-                waited = time.monotonic() - stop.first_at
                 if forwarded == 0:
                     kill_group(pgid, signal.SIGINT)
                     forwarded = 1
-                if escalated == 0 and (waited > GRACE_SECONDS or stop.count > 1):
-                    kill_group(pgid, signal.SIGTERM)
-                    escalated = 1
-                if escalated == 1 and waited > GRACE_SECONDS + TERM_SECONDS:
-                    kill_group(pgid, signal.SIGKILL)
-                    escalated = 2
+                escalated = _escalate(pgid, stop.first_at, stop.count, escalated)
         finally:
             if proc.poll() is None:
                 kill_group(pgid, signal.SIGKILL)
@@ -297,22 +306,33 @@ def run_interactive(
     tail: deque[str] = deque(maxlen=30)
     pending = b""
     interrupted = False
+    stopped_at = 0.0
+    escalated = 0
+    terminal = True  # the user's terminal still answers
+    inputs = [master, stdin_fd]
     with forwarded_signals() as stop:
         try:
             if saved is not None:
                 tty.setraw(stdin_fd)
             while True:
                 if stop.signum is not None and not interrupted:
-                    interrupted = True
+                    interrupted, stopped_at = True, time.monotonic()
                     kill_group(pid, signal.SIGINT)
+                if interrupted:
+                    escalated = _escalate(pid, stopped_at, stop.count, escalated)
                 try:
-                    ready, _, _ = select.select([master, stdin_fd], [], [], 0.2)
+                    ready, _, _ = select.select(inputs, [], [], 0.2)
                 except InterruptedError:
                     continue
                 if stdin_fd in ready:
-                    data = os.read(stdin_fd, 1024)
-                    if b"\x03" in data:
-                        interrupted = True
+                    try:
+                        data = os.read(stdin_fd, 1024)
+                    except OSError:  # EIO: the terminal is gone
+                        data = b""
+                    if not data:
+                        inputs.remove(stdin_fd)
+                    elif b"\x03" in data:
+                        interrupted, stopped_at = True, time.monotonic()
                     if data:
                         os.write(master, data)
                 if master in ready:
@@ -322,7 +342,17 @@ def run_interactive(
                         data = b""
                     if not data:
                         break
-                    os.write(stdout_fd, data)
+                    if terminal:
+                        try:
+                            os.write(stdout_fd, data)
+                        except OSError:  # the terminal was lost: stop as on SIGHUP
+                            terminal = False
+                            if stop.signum is None:
+                                stop(signal.SIGHUP, None)
+                    if interrupted and _asks(pending + data):
+                        # nobody is there to answer: Packer's own cleanup must still run
+                        os.write(master, b"c\r" if ASK_CLEANUP in pending + data else b"\r")
+                        data += b"\n"
                     pending += data
                     *lines, pending = pending.split(b"\n")
                     for raw in lines:
@@ -335,7 +365,8 @@ def run_interactive(
                             on_line(line)
         finally:
             if saved is not None:
-                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+                with contextlib.suppress(OSError, termios.error):
+                    termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
             os.close(master)
             _, status = os.waitpid(pid, 0)
             reap_group(pid)
@@ -347,7 +378,25 @@ def run_interactive(
     return result
 
 
+def _asks(text: bytes) -> bool:
+    """Whether Packer waits for an answer (a -debug pause, -on-error=ask's question)."""
+    return ASK_ENTER in text or ASK_CLEANUP in text
+
+
+def _escalate(pgid: int, stopped_at: float, count: int, escalated: int) -> int:
+    """After SIGINT: SIGTERM on a second stop request or after the grace time, then SIGKILL."""
+    waited = time.monotonic() - stopped_at
+    if escalated == 0 and (waited > GRACE_SECONDS or count > 1):
+        kill_group(pgid, signal.SIGTERM)
+        escalated = 1
+    if escalated == 1 and waited > GRACE_SECONDS + TERM_SECONDS:
+        kill_group(pgid, signal.SIGKILL)
+        escalated = 2
+    return escalated
+
+
 def say(text: str) -> None:
     """Print to the user's terminal, also while it is in raw mode (CR LF line ends)."""
     data = ("\r\n".join(text.split("\n")) + "\r\n").encode()
-    os.write(sys.stdout.fileno(), data)
+    with contextlib.suppress(OSError):  # a lost terminal: the build stops on its SIGHUP
+        os.write(sys.stdout.fileno(), data)

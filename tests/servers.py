@@ -242,15 +242,32 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _HidingHandler(_QuietHandler):
+    """Answers 404 for every path under hidden (a web server that serves only part of the
+    mirror: its root answers the pre-build probe, its builds/ do not)."""
+
+    hidden = ""
+
+    def send_head(self) -> Any:
+        if self.path.startswith(self.hidden):
+            self.send_error(404)
+            return None
+        return super().send_head()
+
+
 class HTTPServer:
-    """Python's http.server serving directory on a free port of 127.0.0.1, in a thread.
+    """Python's http.server serving directory on a free port of 127.0.0.1, in a thread;
+    with hide, every path starting so answers 404.
 
     url is "http://127.0.0.1:PORT" (no trailing slash).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, hide: str | None = None) -> None:
         self.directory = directory
-        handler = functools.partial(_QuietHandler, directory=str(directory))
+        base: type[_QuietHandler] = _QuietHandler
+        if hide is not None:
+            base = type("Hiding", (_HidingHandler,), {"hidden": hide})
+        handler = functools.partial(base, directory=str(directory))
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self.port: int = self._server.server_address[1]
