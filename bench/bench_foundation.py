@@ -3,7 +3,7 @@
 1. wall time of `./build.py smoke` against a raw `packer build` of the same rendered HCL
    (target: at most 1.05x);
 2. `./build.py --help` (target: under 0.3 s);
-3. hashing a 2 GiB file with osimage.artifacts.hash_file against hashlib alone
+3. hashing a 2 GiB file with osimage.publish.artifacts.hash_file against hashlib alone
    (hashlib.file_digest; target: at least 0.9x its throughput).
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from osimage.artifacts import hash_file  # noqa: E402
+from osimage.publish.artifacts import hash_file  # noqa: E402
 from tests.conftest import make_repo  # noqa: E402
 
 

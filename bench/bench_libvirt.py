@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from osimage import libvirt_backend, libvirt_streams
+from osimage.backends.libvirt import hypervisor as libvirt_backend
+from osimage.backends.libvirt import streams as libvirt_streams
 from tests.libvirtd import TestPool, ensure_libvirtd
 
 

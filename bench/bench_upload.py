@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from osimage import artifacts
-from osimage.sshmirror import SSHMirror
+from osimage.publish import artifacts
+from osimage.publish.sshmirror import SSHMirror
 from tests.servers import HTTPServer, SSHServer
 
 SCP_CIPHERS = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr")

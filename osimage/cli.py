@@ -35,7 +35,7 @@ class ImageGroup(click.Group):
 
 
 def project_root() -> Path:
-    from osimage.gitstate import find_root
+    from osimage.build.gitstate import find_root
 
     start = Path(os.environ.get("OSIMAGE_ROOT") or Path.cwd())
     return find_root(start)
@@ -103,10 +103,10 @@ def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Pat
               break_after: tuple[str, ...], create_patches: bool,
               accept_new_host_key: bool, replace: bool) -> None:
     """Build IMAGE (the default command: ./build.py IMAGE)."""
-    from osimage.pipeline import BuildOptions, run_build
+    from osimage.build.pipeline import BuildOptions, run_build
 
     if accept_new_host_key:
-        from osimage.sshmirror import trust_new_host_keys
+        from osimage.publish.sshmirror import trust_new_host_keys
 
         trust_new_host_keys()
 
@@ -128,7 +128,7 @@ def publish_cmd(image: str, version: str, replace: bool, accept_new_host_key: bo
                 site_file: Path | None) -> None:
     """Publish the build of IMAGE VERSION kept after its publish failed or was interrupted
     (build/IMAGE/VERSION/), then record it; only what the mirror does not have is sent."""
-    from osimage.pending import publish_kept
+    from osimage.publish.pending import publish_kept
 
     if accept_new_host_key:
         os.environ["OSIMAGE_ACCEPT_NEW_HOST_KEY"] = "1"
@@ -146,7 +146,7 @@ def publish_cmd(image: str, version: str, replace: bool, accept_new_host_key: bo
 def render_cmd(image: str, release: str | None, site_file: Path | None,
                create_patches: bool) -> None:
     """Render IMAGE's Packer HCL into build/IMAGE/VERSION/ and validate it, without building."""
-    from osimage.pipeline import BuildOptions, render_only
+    from osimage.build.pipeline import BuildOptions, render_only
 
     root = project_root()
     opts = BuildOptions(image=image, release=release, site_file=site_file,
@@ -198,7 +198,7 @@ def release_record_cmd(name: str, images: tuple[str, ...], force: bool, mirror_u
     """Record RELEASE from the latest clean published build of each IMAGE, read from
     images/IMAGE/manifest.json, once each file matches the mirror. Without IMAGE: every image
     that has one; the others are named as skipped."""
-    from osimage import release
+    from osimage.release import commands as release
 
     root = project_root()
     reader = release.open_reader(root, site_file, mirror_url)
@@ -227,8 +227,8 @@ def release_set_cmd(name: str, image: str, version: str | None, commit: str | No
                     mirror_url: str | None, site_file: Path | None) -> None:
     """Set IMAGE's entry of RELEASE: from a build in images/IMAGE/manifest.json, or by hand
     with --commit, --version and --file."""
-    from osimage import release
     from osimage.errors import ConfigError
+    from osimage.release import commands as release
 
     root = project_root()
     reader = release.open_reader(root, site_file, mirror_url)
@@ -257,7 +257,8 @@ def release_set_patches_cmd(name: str, path: str, sha256: str | None, force: boo
                             mirror_url: str | None, site_file: Path | None) -> None:
     """Make the published patch tarball at PATH on the mirror RELEASE's patches, with the size
     and sha256 read from the mirror (they must agree with its .sha256 file and index)."""
-    from osimage import patchrelease, release
+    from osimage.release import commands as release
+    from osimage.release import patches as patchrelease
 
     root = project_root()
     reader = release.open_reader(root, site_file, mirror_url)
@@ -272,7 +273,7 @@ def release_set_patches_cmd(name: str, path: str, sha256: str | None, force: boo
 @site_option
 def release_verify_cmd(name: str, mirror_url: str | None, site_file: Path | None) -> None:
     """Check every file of RELEASE on the mirror (size and sha256); exit 1 on any mismatch."""
-    from osimage import release
+    from osimage.release import commands as release
 
     root = project_root()
     rel = release.load(root).get(name)
@@ -287,8 +288,8 @@ def release_verify_cmd(name: str, mirror_url: str | None, site_file: Path | None
 @click.option("--json", "as_json", is_flag=True, help="Print RELEASE as JSON.")
 def release_show_cmd(name: str | None, as_json: bool) -> None:
     """List the releases, or show RELEASE's images and files."""
-    from osimage import release
     from osimage.errors import ConfigError
+    from osimage.release import commands as release
 
     m = release.load(project_root())
     if name is None:
@@ -305,7 +306,7 @@ def release_show_cmd(name: str | None, as_json: bool) -> None:
 @click.argument("new", metavar="B")
 def release_diff_cmd(old: str, new: str) -> None:
     """What changed from release A to release B, image by image."""
-    from osimage import release
+    from osimage.release import commands as release
 
     m = release.load(project_root())
     for line in release.diff(m.get(old), m.get(new)):
@@ -327,7 +328,7 @@ def write_usb_cmd(image: str, device: str, release: str | None, version: str | N
     """Write IMAGE (e.g. usb-installer) or FILE to the USB stick DEVICE, then read it back and
     check its sha256. Refuses a partition, a disk that is not removable or is in use (unless
     --force), and asks first (unless --yes)."""
-    from osimage import usbwrite
+    from osimage.usb import write as usbwrite
 
     reporter = _reporter()
     click.echo(usbwrite.run(image, device, release, version, yes, force, site_file,
@@ -340,7 +341,7 @@ def write_usb_cmd(image: str, device: str, release: str | None, version: str | N
               help="Change nothing; exit 1 unless each manifest.json is tidy (for CI, hooks).")
 def tidy_cmd(images: tuple[str, ...], check: bool) -> None:
     """Reduce images/IMAGE/manifest.json (default: every image's) to its latest clean build."""
-    from osimage import tidy
+    from osimage.release import tidy
 
     root = project_root()
     for line in (tidy.check if check else tidy.tidy)(root, images):
@@ -361,7 +362,7 @@ def clean_cmd(older_than: str, yes: bool, uri: str | None, prefix: str,
               site_file: Path | None) -> None:
     """List the domains and volumes failed libvirt builds left on the hypervisor, with their
     age; remove those older than --older-than with --yes (a dry run by default)."""
-    from osimage import libvirt_clean
+    from osimage.backends.libvirt import clean as libvirt_clean
 
     target = libvirt_clean.resolve_uri(project_root(), site_file, uri)
     libvirt_clean.clean(target, libvirt_clean.parse_age(older_than), yes, prefix, click.echo)

@@ -166,7 +166,7 @@ def _format_error(err: Any, schema: dict[str, Any]) -> list[str]:
 
 
 def _valid_cache() -> Path:
-    from osimage.accel import cache_home
+    from osimage.build.accel import cache_home
 
     return cache_home() / "valid-config"
 
@@ -258,7 +258,7 @@ def _check_mirror_url(data: dict[str, Any], root: Path, shown: str) -> None:
     url = data.get("mirror", {}).get("url")
     if url is None:
         return
-    from osimage.mirror import check_url
+    from osimage.publish.mirror import check_url
 
     try:
         check_url(str(url), root)

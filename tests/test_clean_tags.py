@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from osimage import libvirt_backend as lv
-from osimage import libvirt_clean
-from osimage.libvirt_clean import BuildTag
-from osimage.libvirt_streams import upload_stream
+from osimage.backends.libvirt import clean as libvirt_clean
+from osimage.backends.libvirt import hypervisor as lv
+from osimage.backends.libvirt.clean import BuildTag
+from osimage.backends.libvirt.streams import upload_stream
 from tests import libvirtd
 from tests.conftest import PROJECT, build_py
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from osimage import exports
+from osimage.features import exports
 from tests.conftest import PROJECT, build_py, git
 from tests.registry import Registry
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from osimage import exports
+from osimage.features import exports
 from tests.conftest import PROJECT, build_py, git, make_repo, qemu_pids, tree_snapshot
 from tests.registry import Registry
 from tests.test_debug import LOGIN, PAUSE, spawn

@@ -190,7 +190,8 @@ def render_with(root: Path, image: dict[str, Any], site: dict[str, Any] | None =
     must be one line. `create` names files (relative to the image folder) to make first."""
     import contextlib
 
-    from osimage import libvirt_steps, pipeline, render
+    from osimage.backends.libvirt import steps as libvirt_steps
+    from osimage.build import pipeline, render
     from osimage.config import read_yaml
     from osimage.ui import Reporter
 
@@ -292,7 +293,7 @@ def _file_destination(r: Rendered, value: Any) -> None:
 
 
 def _comment(r: Rendered, value: Any) -> None:
-    from osimage.render import hcl_comment
+    from osimage.build.render import hcl_comment
 
     assert f"  # {hcl_comment(value)}\n" in r.text
 
@@ -507,7 +508,7 @@ def test_text_that_is_not_unicode_is_refused(prop_root: Path, field: str, value:
 
 
 def test_comments_hold_plain_text_or_a_literal() -> None:
-    from osimage.render import hcl_comment
+    from osimage.build.render import hcl_comment
 
     assert hcl_comment("qemu+ssh://root@kvm01/system") == "qemu+ssh://root@kvm01/system"
     assert hcl_comment("a\nb = 1 */ ${x}") == '"a\\nb = 1 */ \\u0024{x}"'
@@ -544,11 +545,11 @@ def test_a_repository_path_packer_would_expand_is_refused(tmp_path: Path,
 
 
 @pytest.mark.parametrize(("module", "name", "good"), [
-    ("osimage.release", "SHA256", "a" * 64),
+    ("osimage.release.commands", "SHA256", "a" * 64),
     ("osimage.sizes", "_SIZE", "4G"),
-    ("osimage.patchindex", "_ADVISORY_ID", "RLSA-2024:1234"),
-    ("osimage.libvirt_clean", "_RUN", "0f4c3a2e-1b2c-4d5e-8f90-123456789abc"),
-    ("osimage.tarheaders", "_PAX_TIME", "1700000000.5"),
+    ("osimage.features.patchindex", "_ADVISORY_ID", "RLSA-2024:1234"),
+    ("osimage.backends.libvirt.clean", "_RUN", "0f4c3a2e-1b2c-4d5e-8f90-123456789abc"),
+    ("osimage.features.tarheaders", "_PAX_TIME", "1700000000.5"),
 ])
 def test_every_pattern_is_matched_whole(module: str, name: str, good: str) -> None:
     """A value that passes a pattern check passes it whole: a trailing newline is refused."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from osimage import pipeline
+from osimage.build import pipeline
 from osimage.ui import Reporter
 from tests.conftest import build_py, git
 from tests.servers import HTTPServer, SSHServer

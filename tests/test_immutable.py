@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from osimage import artifacts, pending
-from osimage.artifacts import Artifact
-from osimage.mirror import LocalMirror
-from osimage.mirrorlock import PublishRefused
-from osimage.sshmirror import SSHMirror
+from osimage.publish import artifacts, pending
+from osimage.publish.artifacts import Artifact
+from osimage.publish.mirror import LocalMirror
+from osimage.publish.mirrorlock import PublishRefused
+from osimage.publish.sshmirror import SSHMirror
 from tests.conftest import build_py, git, tree_snapshot
 from tests.servers import HTTPServer, SSHServer
 

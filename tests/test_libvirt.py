@@ -24,11 +24,12 @@ from typing import IO, Any, cast
 
 import pytest
 
-from osimage import libvirt_backend as lv
-from osimage import libvirt_clean, libvirt_streams
-from osimage import libvirt_preflight as preflight
+from osimage.backends.libvirt import clean as libvirt_clean
+from osimage.backends.libvirt import hypervisor as lv
+from osimage.backends.libvirt import preflight
+from osimage.backends.libvirt import streams as libvirt_streams
+from osimage.backends.libvirt.streams import ensure_source_volume
 from osimage.errors import BuildError, ConfigError
-from osimage.libvirt_streams import ensure_source_volume
 from tests import libvirtd
 from tests.conftest import PROJECT, build_py
 
@@ -259,7 +260,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 def test_upload_from_http_url(pool: libvirtd.TestPool, tmp_path: Path) -> None:
-    from osimage import libvirt_steps
+    from osimage.backends.libvirt import steps as libvirt_steps
 
     data = os.urandom(2 * (1 << 20) + 1)
     (tmp_path / "www").mkdir()

@@ -1,4 +1,4 @@
-"""The native libvirt driver's parts (osimage/libvirt_native.py) against a real libvirtd.
+"""The native libvirt driver's parts (osimage/backends/libvirt/native.py) against a real libvirtd.
 
 The daemon, its NAT network with dnsmasq and its pool are the test's own, in a network
 namespace (tests/netns_libvirt.py); the guest is the smoke disk, booted on that network; SSH
@@ -23,11 +23,11 @@ from typing import IO, Any
 
 import pytest
 
-from osimage import libvirt_backend as lv
-from osimage import libvirt_native as native
-from osimage import libvirt_streams
+from osimage.backends.libvirt import hypervisor as lv
+from osimage.backends.libvirt import native
+from osimage.backends.libvirt import streams as libvirt_streams
+from osimage.backends.libvirt.native import Keys, Wait, parse_boot_command
 from osimage.errors import BuildError, ConfigError
-from osimage.libvirt_native import Keys, Wait, parse_boot_command
 from tests.conftest import PROJECT
 from tests.netns_libvirt import NetnsLibvirt, netns_libvirt  # noqa: F401 - the fixture
 
@@ -348,7 +348,9 @@ def test_guest_without_address_times_out_and_leaves_nothing(
 
 WAITER = """\
 import sys
-from osimage import libvirt_backend as lv, libvirt_native as native, runner
+from osimage import runner
+from osimage.backends.libvirt import hypervisor as lv
+from osimage.backends.libvirt import native
 from osimage.errors import FactoryError
 uri, pool, network, source, name, run = sys.argv[1:]
 spec = native.DomainSpec(name=name, run=run, image="blank", pool=pool, network=network,

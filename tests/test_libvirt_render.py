@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from osimage import hclschema, libvirt_steps
+from osimage.backends.libvirt import steps as libvirt_steps
+from osimage.build import hclschema
 from osimage.errors import ConfigError
 from tests.conftest import PROJECT, build_py
 

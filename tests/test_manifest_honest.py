@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from osimage import manifest, release
+from osimage.release import commands as release
+from osimage.release import image_manifest as manifest
 from tests.conftest import PROJECT, build_py, git
 from tests.servers import HTTPServer
 from tests.test_tidy import head, make_image_repo, run

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from osimage.errors import BuildError
-from osimage.sshmirror import SSHMirror
+from osimage.publish.sshmirror import SSHMirror
 from tests.conftest import build_py, git, tree_snapshot
 from tests.servers import HTTPServer, SSHServer
 from tests.test_preflight import one_error_line
@@ -153,7 +153,7 @@ def test_mirror_folder_that_cannot_be_created(repo: Path, ssh: SSHServer, http: 
 def test_publish_into_a_folder_that_cannot_be_created(ssh: SSHServer, http: HTTPServer,
                                                       immutable_builds: Path,
                                                       tmp_path: Path) -> None:
-    from osimage import artifacts
+    from osimage.publish import artifacts
 
     disk = tmp_path / "smoke.qcow2"
     disk.write_bytes(b"disk")

@@ -17,10 +17,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from osimage import artifacts, manifest, packer, render
-from osimage.artifacts import Artifact
+from osimage.build import packer, render
 from osimage.errors import BuildError
-from osimage.mirror import LocalMirror
+from osimage.publish import artifacts
+from osimage.publish.artifacts import Artifact
+from osimage.publish.mirror import LocalMirror
+from osimage.release import image_manifest as manifest
 
 
 @given(st.text())
@@ -77,7 +79,7 @@ def test_hash_file_one_pass(tmp_path: Path) -> None:
 WRITER = """
 import sys, uuid
 from pathlib import Path
-from osimage import manifest
+from osimage.release import image_manifest as manifest
 path = Path(sys.argv[1])
 for i in range(int(sys.argv[2])):
     run = str(uuid.uuid4())

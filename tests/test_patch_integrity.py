@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from osimage import download, patchindex, tarcheck
-from osimage.patchindex import PatchContentError
+from osimage.features import patchindex, tarcheck
+from osimage.features.patchindex import PatchContentError
+from osimage.publish import download
 from tests.conftest import build_py, git, qemu_pids, tree_snapshot
 from tests.test_patches import (  # noqa: F401  (fixtures among them)
     ADVISORIES,

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from osimage import download, patchindex, tarcheck
-from osimage.patchindex import PatchContentError
+from osimage.features import patchindex, tarcheck
+from osimage.features.patchindex import PatchContentError
+from osimage.publish import download
 from tests.conftest import build_py, git, qemu_pids, tree_snapshot
 from tests.servers import HTTPServer
 
@@ -540,7 +541,7 @@ def test_render_with_and_without_patches(repo: Path, tmp_path: Path, mirror_http
     assert cached.read_bytes() == tarball.read_bytes()
     hcl = (repo / first.stdout.strip()).read_text()
     assert hcl.index("# patches-upload") < hcl.index("# patches-apply") < hcl.index("# marker")
-    # the environment goes to the VM as a file Packer uploads (osimage/render.py)
+    # the environment goes to the VM as a file Packer uploads (osimage/build/render.py)
     env = next((repo / first.stdout.strip()).parent.glob("provision/*-patches-apply.env"))
     assert f"export OSIMAGE_PATCHES_SHA256={sha}\n" in env.read_text()
 

@@ -158,8 +158,8 @@ def test_http_side_down(repo: Path, ssh: SSHServer) -> None:
 
 @needs_sshd
 def test_a_good_mirror_passes_and_says_what_it_found(ssh: SSHServer, tmp_path: Path) -> None:
-    from osimage import mirrorcheck
-    from osimage.sshmirror import SSHMirror
+    from osimage.publish import mirrorcheck
+    from osimage.publish.sshmirror import SSHMirror
 
     with HTTPServer(ssh.root) as http:
         m = SSHMirror(ssh.url, http.url, identity_file=ssh.client_key,
@@ -173,8 +173,8 @@ def test_a_good_mirror_passes_and_says_what_it_found(ssh: SSHServer, tmp_path: P
 
 
 def test_local_mirror_checks(tmp_path: Path) -> None:
-    from osimage import mirrorcheck
-    from osimage.mirror import LocalMirror
+    from osimage.publish import mirrorcheck
+    from osimage.publish.mirror import LocalMirror
 
     root = tmp_path / "mirror"
     small, big = mirrorcheck.Expected(MiB, "small"), mirrorcheck.Expected(20 * MiB, "a guess")
@@ -246,7 +246,7 @@ def test_registry_refuses_the_credentials(repo: Path) -> None:
 
 @needs_registry
 def test_registry_check_takes_good_credentials(tmp_path: Path) -> None:
-    from osimage import registrycheck
+    from osimage.features import ociregistry as registrycheck
 
     auth = tmp_path / "auth.json"
     with Registry(login=("builder", "right-s3cret")) as registry:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from osimage import artifacts
+from osimage.publish import artifacts
 from tests.conftest import build_py, git, qemu_pids
 from tests.servers import HTTPServer, SSHServer
 from tests.test_immutable import errors_of, kept_build, ssh_site

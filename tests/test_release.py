@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
-from osimage import release
+from osimage.release import commands as release
 from tests.conftest import PROJECT, git
 from tests.servers import HTTPServer, free_port
 from tests.test_tidy import add_build, head, make_image_repo, run

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from osimage import httpdir
 from osimage.errors import BuildError, ConfigError
+from osimage.features import httpdir
 from tests.conftest import PROJECT, build_py, git, make_repo
 
 IMAGE = PROJECT / "images" / "rocky8-base"
@@ -34,7 +34,7 @@ def public_key(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def kickstart(tmp_path_factory: pytest.TempPathFactory, public_key: str) -> Path:
-    """http/ks.cfg.j2 rendered the way a build renders it (osimage/httpdir.py)."""
+    """http/ks.cfg.j2 rendered the way a build renders it (osimage/features/httpdir.py)."""
     out = tmp_path_factory.mktemp("http")
     values = {"ssh_public_key": public_key, "ssh_username": "root", "image": "rocky8-base",
               "version": "2.4.0", "commit": "0" * 40, "release": "2.4.0"}
@@ -202,7 +202,7 @@ libvirt:
 
 def test_libvirt_render_puts_the_rendered_kickstart_on_the_oemdrv_cd(r8_repo: Path,
                                                                      tmp_path: Path) -> None:
-    from osimage import hclschema
+    from osimage.build import hclschema
 
     site = tmp_path / "libvirt-site.yaml"
     site.write_text(LIBVIRT_SITE)

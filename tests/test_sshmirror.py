@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from osimage import artifacts, sshmirror
-from osimage.artifacts import Artifact
 from osimage.errors import BuildError, ConfigError
-from osimage.mirror import open_mirror
-from osimage.sshmirror import SSHMirror
+from osimage.publish import artifacts, sshmirror
+from osimage.publish.artifacts import Artifact
+from osimage.publish.mirror import open_mirror
+from osimage.publish.sshmirror import SSHMirror
 from tests.servers import HTTPServer, SSHServer, b64_fingerprint, free_port, generate_ed25519
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd"),

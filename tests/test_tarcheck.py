@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from osimage import tarcheck
+from osimage.features import tarcheck
 
 TARS = {"gnu": ["tar"], "bsdtar": ["bsdtar"], "busybox": ["busybox", "tar"]}
 ENV = {**os.environ, "LC_ALL": "C.UTF-8", "TZ": "UTC"}

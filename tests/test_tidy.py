@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from osimage import manifest
 from osimage.cli import main
+from osimage.release import image_manifest as manifest
 from tests.conftest import PROJECT, git
 
 

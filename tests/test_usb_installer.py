@@ -105,7 +105,7 @@ def test_render_without_a_release_uploads_a_stand_in(usb_repo: Path) -> None:
     assert 'destination = "/mnt/osimage-payload/payload-stand-in.raw"' in text
     # the upload comes right after the partitioning, before the installer and the boot media
     assert text.index("# partition") < text.index("# payload-upload") < text.index("# installer")
-    # environments go to the VM as files Packer uploads (osimage/render.py)
+    # environments go to the VM as files Packer uploads (osimage/build/render.py)
     envs = "".join(f.read_text() for f in (hcl.parent / "provision").glob("*.env"))
     assert "export OSIMAGE_PAYLOAD_SHA256=" in envs
     live_ssh = (hcl.parent / "http" / "live-ssh.sh").read_text()
@@ -322,7 +322,7 @@ def test_stick_scripts_pass_shellcheck(tmp_path: Path) -> None:
 
 def test_libvirt_render_uploads_the_payload_and_reads_live_ssh_from_the_cd(
         usb_repo: Path, tmp_path: Path) -> None:
-    from osimage import hclschema
+    from osimage.build import hclschema
 
     site = tmp_path / "libvirt-site.yaml"
     site.write_text("backend: libvirt\nlibvirt:\n  uri: qemu+ssh://root@kvm01.example/system\n"

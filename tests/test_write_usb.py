@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from osimage import usbwrite
+from osimage.usb import write as usbwrite
 from tests.conftest import PROJECT, build_py, git, make_repo
 
 IMAGE_SIZE = 5 * 2**20 + 7

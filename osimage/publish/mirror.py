@@ -1,0 +1,235 @@
+"""The mirror: where artifacts are published, laid out as builds/IMAGE/VERSION/FILE.
+
+The embedded default is a local folder (mirror/ at the root) with the production layout.
+Files are copied under a temporary name and renamed into place only when all of them are
+complete, so no partial file is ever visible under its final name. A published file never
+changes: a publish that would give one other bytes is refused unless replace (--replace), and
+one publisher at a time holds the folder's lock (osimage/publish/mirrorlock.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+import urllib.parse
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from osimage.errors import BuildError, ConfigError
+from osimage.fsutil import fsync_dir
+from osimage.publish.artifacts import Artifact, hash_file
+from osimage.publish.mirrorlock import LocalLockFiles, PublishLock, lock_path, refuse_replacing
+from osimage.runner import check_interrupted
+
+LAYOUT = ("builds", "repos/Rocky8")
+SCHEMES = ("file", "ssh")
+SSH_FORM = "ssh://USER@HOST[:PORT]/ROOT"
+COPY_CHUNK = 64 << 20
+
+
+class Mirror(Protocol):
+    def describe(self) -> str: ...
+
+    def publish(self, artifacts: Sequence[Artifact], dest: str,
+                replace: bool = False) -> list[str]:
+        """Publish files under dest (e.g. builds/smoke/1.0); return their mirror paths.
+
+        A file already there with other bytes is refused (PublishRefused) unless replace."""
+        ...
+
+    def existing(self, dest: str) -> list[str]:
+        """The names of the files published under dest (partial uploads left out)."""
+        ...
+
+
+def temp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:12]}")
+
+
+@dataclass
+class LocalMirror:
+    root: Path
+
+    def describe(self) -> str:
+        return f"local mirror {self.root}"
+
+    def ensure_layout(self) -> None:
+        for sub in LAYOUT:
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def existing(self, dest: str) -> list[str]:
+        try:
+            return sorted(p.name for p in (self.root / dest).iterdir()
+                          if not p.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def publish(self, artifacts: Sequence[Artifact], dest: str,
+                replace: bool = False) -> list[str]:
+        target = self.root / dest
+        sources: list[tuple[Path, str | None]] = []
+        for a in artifacts:
+            sources += [(a.path, a.sha256), (a.checksum_path, None)]
+        staged: list[tuple[Path, Path]] = []
+        lock: PublishLock | None = None
+        try:
+            self.ensure_layout()
+            target.mkdir(parents=True, exist_ok=True)
+            lock = PublishLock(LocalLockFiles(), str(target), lock_path(str(target)))
+            lock.acquire()
+            todo: list[Path] = []
+            changed: list[str] = []
+            for src, sha256 in sources:
+                final = target / src.name
+                if final.exists():
+                    if _same_bytes(src, sha256, final):
+                        continue
+                    changed.append(src.name)
+                todo.append(src)
+            if changed and not replace:
+                raise refuse_replacing(f"{self.describe()}: {dest}", changed)
+            for src in todo:
+                check_interrupted()
+                final = target / src.name
+                tmp = temp_name(final)
+                staged.append((tmp, final))
+                _copy(src, tmp, lock)
+                if tmp.stat().st_size != src.stat().st_size:
+                    raise BuildError(f"{final}: copy is incomplete")
+            check_interrupted()  # nothing is put in place after a stop request
+            for tmp, final in staged:
+                os.replace(tmp, final)
+            fsync_dir(target)
+        except OSError as e:
+            raise BuildError(f"{self.describe()}: publishing to {dest} failed: {e.strerror or e}",
+                             hint="check the free space and permissions of the mirror") from None
+        finally:
+            for tmp, _ in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            if lock is not None:
+                lock.release()
+        return [f"{dest}/{src.name}" for src, _ in sources]
+
+
+def _copy(src: Path, dst: Path, lock: PublishLock) -> None:
+    """Copy with sendfile (the bytes never pass through Python) in chunks short enough that a
+    stop request is seen within a fraction of a second."""
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        offset = 0
+        while sent := os.sendfile(fout.fileno(), fin.fileno(), offset, COPY_CHUNK):
+            offset += sent
+            check_interrupted()
+            lock.heartbeat()
+        os.fsync(fout.fileno())
+
+
+def _same_bytes(src: Path, sha256: str | None, final: Path) -> bool:
+    if sha256 is None:  # a small NAME.sha256 file
+        return src.read_bytes() == final.read_bytes()
+    return hash_file(final)[1] == sha256 if final.stat().st_size == src.stat().st_size else False
+
+
+def open_mirror(url: str, root: Path, settings: Mapping[str, Any] | None = None) -> Mirror:
+    """The mirror a site names: a local folder, or ssh://USER@HOST[:PORT]/ROOT.
+
+    settings is the site's whole mirror object (http, identity_file, known_hosts).
+    """
+    if url_scheme(url) == "ssh":
+        from osimage.publish.sshmirror import SSHMirror  # paramiko loads only for an SSH mirror
+
+        return SSHMirror.from_settings(url, settings or {}, root)
+    return LocalMirror(local_path(url, root))
+
+
+# --- mirror.url: parsed and checked once, for the site file and for open_mirror ----------------
+
+
+@dataclass(frozen=True)
+class SSHLocation:
+    user: str
+    host: str
+    port: int
+    root: str
+
+    @classmethod
+    def parse(cls, url: str) -> SSHLocation:
+        """ssh://USER@HOST[:PORT]/ROOT; ConfigError 'mirror.url: ...' naming what is wrong."""
+        shown = f"mirror.url: {url!r}"
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError as e:
+            raise ConfigError(f"{shown}: not a valid URL ({e}); expected {SSH_FORM}") from None
+        if parts.scheme != "ssh":
+            raise ConfigError(f"{shown}: expected {SSH_FORM}")
+        if not parts.hostname:
+            raise ConfigError(f"{shown}: no host name; expected {SSH_FORM}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            port_text = parts.netloc.rpartition(":")[2]
+            raise ConfigError(f"{shown}: the port {port_text!r} is not a number from 1 to "
+                              "65535") from None
+        if parts.password is not None:
+            raise ConfigError("mirror.url: no passwords in the URL: the mirror is reached "
+                              "with a key (mirror.identity_file or ssh-agent)")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"{shown}: no query or fragment allowed")
+        if not parts.path.startswith("/"):
+            raise ConfigError(f"{shown}: no mirror root folder after the host; expected "
+                              f"{SSH_FORM}")
+        root = posixpath.normpath(urllib.parse.unquote(parts.path))
+        return cls(user=urllib.parse.unquote(parts.username or "root"), host=parts.hostname,
+                   port=port or 22, root=root)
+
+    @property
+    def known_hosts_name(self) -> str:
+        """How OpenSSH names this host in known_hosts."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+def url_scheme(url: str) -> str:
+    """'ssh' or 'file' ('' for a plain folder path); ConfigError for any other scheme."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):(//)?", url)
+    if match is None or (match[2] is None and len(match[1]) == 1):
+        return ""  # a path (a one-letter "scheme" would be a drive letter, not a URL)
+    scheme = match[1].lower()
+    if match[2] is None and scheme not in SCHEMES:
+        return ""  # "name:with-colon" is a folder name
+    if scheme not in SCHEMES:
+        raise ConfigError(f"mirror.url: unknown scheme {scheme!r} (use a folder path, "
+                          "file:// or ssh://)")
+    if match[2] is None:
+        form = SSH_FORM if scheme == "ssh" else "file:///PATH"
+        raise ConfigError(f"mirror.url: {url!r}: expected {form}")
+    return scheme
+
+
+def local_path(url: str, root: Path) -> Path:
+    """The folder of a local mirror URL (a path or file://PATH), relative to root."""
+    path = Path(url.removeprefix("file://"))
+    return path if path.is_absolute() else root / path
+
+
+def check_url(url: str, root: Path) -> None:
+    """What can be known of mirror.url without contacting it: a known scheme, a well-formed
+    ssh:// URL, an existing local folder (a typo must not grow a new tree)."""
+    scheme = url_scheme(url)
+    if scheme == "ssh":
+        SSHLocation.parse(url)
+        return
+    path = local_path(url, root)
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise ConfigError(f"mirror.url: the mirror folder {path} {what}",
+                          hint=f"create it (mkdir -p {path}) or correct mirror.url")
