@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from osimage.publish.artifacts import Artifact
-from osimage.config import Image, Site
 from osimage.build.gitstate import GitState
+from osimage.config import Image, Site
+from osimage.publish.artifacts import Artifact
 from osimage.ui import Reporter
 
 if TYPE_CHECKING:

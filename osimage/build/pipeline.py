@@ -18,25 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from osimage import __version__, config, runner
-from osimage.build import accel
-from osimage.publish import artifacts
-from osimage.features import debug
-from osimage.features import exports
-from osimage.build import gitstate
-from osimage.features import httpdir
-from osimage.release import image_manifest as manifest
-from osimage.publish import mirrorcheck
-from osimage.build import packer
-from osimage.features import patches
-from osimage.features import payload
-from osimage.publish import pending
-from osimage.build import render
+from osimage.build import accel, gitstate, packer, render
 from osimage.build.context import BuildContext
 from osimage.errors import BuildError, ConfigError, FactoryError
+from osimage.features import debug, exports, httpdir, patches, payload
+from osimage.features.ociregistry import step_check_registry
 from osimage.fsutil import waiting_lock
+from osimage.publish import artifacts, mirrorcheck, pending
 from osimage.publish.mirror import open_mirror
 from osimage.publish.mirrorlock import PublishRefused
-from osimage.features.ociregistry import step_check_registry
+from osimage.release import image_manifest as manifest
 from osimage.ui import Reporter
 
 Step = Callable[[BuildContext, contextlib.ExitStack], None]
