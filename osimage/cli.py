@@ -103,17 +103,14 @@ def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Pat
               break_after: tuple[str, ...], create_patches: bool,
               accept_new_host_key: bool, replace: bool) -> None:
     """Build IMAGE (the default command: ./build.py IMAGE)."""
-    from osimage.build.pipeline import BuildOptions, run_build
-
-    if accept_new_host_key:
-        from osimage.publish.sshmirror import trust_new_host_keys
-
-        trust_new_host_keys()
+    from osimage.build.context import BuildOptions
+    from osimage.build.pipeline import run_build
 
     opts = BuildOptions(image=image, release=release, skip_commit=skip_commit,
                         site_file=site_file, keep_failed=keep_failed, publish=not no_publish,
                         debug=debug, break_before=break_before, break_after=break_after,
-                        create_patches=create_patches, replace=replace)
+                        create_patches=create_patches, replace=replace,
+                        accept_new_host_key=accept_new_host_key)
     run_build(project_root(), opts, _reporter())
 
 
@@ -130,10 +127,8 @@ def publish_cmd(image: str, version: str, replace: bool, accept_new_host_key: bo
     (build/IMAGE/VERSION/), then record it; only what the mirror does not have is sent."""
     from osimage.publish.pending import publish_kept
 
-    if accept_new_host_key:
-        os.environ["OSIMAGE_ACCEPT_NEW_HOST_KEY"] = "1"
-    root = project_root()
-    paths = publish_kept(root, image, version, site_file, replace, _reporter())
+    paths = publish_kept(project_root(), image, version, site_file, replace, _reporter(),
+                         accept_new_host_key)
     click.echo(f"published {image} {version}: {', '.join(paths[::2])}")
 
 
@@ -331,8 +326,9 @@ def write_usb_cmd(image: str, device: str, release: str | None, version: str | N
     from osimage.usb import write as usbwrite
 
     reporter = _reporter()
-    click.echo(usbwrite.run(image, device, release, version, yes, force, site_file,
-                            reporter.info, reporter.warn))
+    # the project root only when IMAGE names a recorded build, not for a FILE
+    click.echo(usbwrite.run(project_root, image, device, release, version, yes, force,
+                            site_file, reporter.info, reporter.warn))
 
 
 @cli.command("tidy")

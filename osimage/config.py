@@ -258,7 +258,7 @@ def _check_mirror_url(data: dict[str, Any], root: Path, shown: str) -> None:
     url = data.get("mirror", {}).get("url")
     if url is None:
         return
-    from osimage.publish.mirror import check_url
+    from osimage.publish.mirrorurl import check_url
 
     try:
         check_url(str(url), root)

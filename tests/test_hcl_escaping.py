@@ -191,7 +191,7 @@ def render_with(root: Path, image: dict[str, Any], site: dict[str, Any] | None =
     import contextlib
 
     from osimage.backends.libvirt import steps as libvirt_steps
-    from osimage.build import pipeline, render
+    from osimage.build import pipeline, render, steps
     from osimage.config import read_yaml
     from osimage.ui import Reporter
 
@@ -221,9 +221,9 @@ def render_with(root: Path, image: dict[str, Any], site: dict[str, Any] | None =
         ctx.create_patches = "create" in image.get("patches", {})
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
-            pipeline.step_source(ctx, stack)
+            steps.step_source(ctx, stack)
         ctx.key_file = root.parent / "key" / "id_ed25519"
-        variables = pipeline.template_variables(ctx)
+        variables = steps.template_variables(ctx)
         template = "qemu.pkr.hcl.j2"
         if ctx.site.backend == "libvirt":
             build = libvirt_steps.state(ctx)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from osimage.build import pipeline
+from osimage.build import pipeline, steps
 from osimage.ui import Reporter
 from tests.conftest import build_py, git
 from tests.servers import HTTPServer, SSHServer
@@ -304,7 +304,7 @@ def test_inputs_hash_covers_the_prepare_script(repo: Path) -> None:
         ctx = pipeline.prepare(repo, pipeline.BuildOptions(image="smoke", skip_commit=True),
                                Reporter(quiet=True))
         ctx.source_checksum = "sha256:" + "0" * 64
-        return pipeline.inputs_hash(ctx)
+        return steps.inputs_hash(ctx)
 
     before = inputs()
     assert inputs() == before

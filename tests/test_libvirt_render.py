@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -303,25 +304,23 @@ def test_bad_libvirt_site(repo: Path, site: str, message: str) -> None:
 
 def test_libvirt_steps_around_packer() -> None:
     """Preflight and upload only where Packer runs (not for ./build.py render); the download
-    takes the place of the hashing step, and only a build that hashes its disk downloads it."""
-    def step(name: str) -> libvirt_steps.Step:
-        def run(ctx: object, stack: object) -> None:
-            pass
-        run.__name__ = name
-        return run
+    fills the hashing slot, so a build that hashes no disk (--create-patches) downloads none."""
+    from osimage.build.context import BuildOptions
+    from osimage.build.feature import assemble, select
+    from osimage.build.steps import CORE
 
-    source, render, packer, hashing, publish = (step(n) for n in
-                                                ("source", "render", "packer", "hash", "pub"))
-    build = [("prepare source", source), ("render and validate HCL", render),
-             ("packer build", packer), ("hash artifacts", hashing), ("publish", publish)]
-    kw = {"render_step": render, "packer_step": packer, "checksums_step": hashing}
-    names = [n for n, _ in libvirt_steps.adapt(build, **kw)]
-    assert names == ["prepare source", "libvirt preflight", "upload source to pool",
-                     "render and validate HCL", "tag build on hypervisor", "packer build",
-                     "download artifact volume", "publish"]
-    assert [n for n, _ in libvirt_steps.adapt(build[:2], **kw)] == [
-        "prepare source", "render and validate HCL"]
-    no_disk = [s for s in build if s[1] not in (hashing, publish)]
-    assert [n for n, _ in libvirt_steps.adapt(no_disk, **kw)] == [
-        "prepare source", "libvirt preflight", "upload source to pool",
+    def names(skipped: frozenset[str] = frozenset(), **opts: Any) -> list[str]:
+        steps = assemble(CORE, libvirt_steps.BACKEND.steps, set(skipped))
+        return [s.name for s in select(steps, BuildOptions(image="x", **opts))]
+
+    assert names() == ["check mirror", "check release", "check published", "prepare source",
+                       "make build key", "libvirt preflight", "upload source to pool",
+                       "render and validate HCL", "tag build on hypervisor", "packer build",
+                       "download artifact volume", "publish to mirror",
+                       "record in manifest.json"]
+    assert names(render_only=True) == ["prepare source", "make build key",
+                                       "render and validate HCL"]
+    no_disk = frozenset({"artifacts", "publish", "record", "check release", "check published"})
+    assert names(no_disk, publish=False) == [
+        "prepare source", "make build key", "libvirt preflight", "upload source to pool",
         "render and validate HCL", "tag build on hypervisor", "packer build"]

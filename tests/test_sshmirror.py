@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from osimage.errors import BuildError, ConfigError
-from osimage.publish import artifacts, sshmirror
+from osimage.publish import artifacts
 from osimage.publish.artifacts import Artifact
 from osimage.publish.mirror import open_mirror
 from osimage.publish.sshmirror import SSHMirror
@@ -140,12 +140,9 @@ def test_accept_new_host_key_adds_it(ssh: SSHServer, http: HTTPServer, tmp_path:
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     known = tmp_path / "ssh" / "known_hosts"  # neither the file nor its folder exist yet
     art = make_artifact(tmp_path, "smoke.qcow2", 1000)
-    monkeypatch.setattr(sshmirror, "_trust_new_host_keys", [False])
-    sshmirror.trust_new_host_keys()  # what --accept-new-host-key does
-    SSHMirror(ssh.url, http.url, identity_file=ssh.client_key,
-              known_hosts=known).publish([art], DEST)
+    SSHMirror(ssh.url, http.url, identity_file=ssh.client_key, known_hosts=known,
+              accept_new_host_key=True).publish([art], DEST)  # --accept-new-host-key
     assert known.read_text() == f"[127.0.0.1]:{ssh.port} {ssh.host_public}\n"
-    sshmirror.trust_new_host_keys(False)
     m = SSHMirror(ssh.url, http.url, identity_file=ssh.client_key, known_hosts=known)
     assert not m.accept_new_host_key
     m.publish([art], DEST)

@@ -1,4 +1,4 @@
-"""The one small object the build's stages share."""
+"""The one small object the build's steps share, and the options a build is started with."""
 
 from __future__ import annotations
 
@@ -13,7 +13,30 @@ from osimage.publish.artifacts import Artifact
 from osimage.ui import Reporter
 
 if TYPE_CHECKING:
-    from osimage.features.patches import AppliedPatches
+    from osimage.publish.mirror import Mirror
+
+
+@dataclass
+class BuildOptions:
+    """What the command line asks of a build (./build.py IMAGE ..., ./build.py render IMAGE)."""
+
+    image: str
+    release: str | None = None
+    skip_commit: bool = False
+    site_file: Path | None = None
+    keep_failed: bool = False
+    publish: bool = True
+    create_patches: bool = False
+    debug: bool = False
+    break_before: tuple[str, ...] = ()
+    break_after: tuple[str, ...] = ()
+    replace: bool = False  # --replace: files of this version on the mirror may get other bytes
+    accept_new_host_key: bool = False  # --accept-new-host-key: trust a new SSH mirror host key
+    render_only: bool = False  # ./build.py render: up to the rendered HCL, no Packer
+
+    @property
+    def interactive(self) -> bool:
+        return self.debug or bool(self.break_before or self.break_after)
 
 
 @dataclass
@@ -45,11 +68,10 @@ class BuildContext:
     mirror_paths: list[str] = field(default_factory=list)
     create_patches: bool = False  # --create-patches: the build makes a patch tarball
     replace: bool = False  # --replace: this version's files on the mirror may change
-    patches: AppliedPatches | None = None  # the release's patch tarball, verified
-    http_dir: Path | None = None  # http_directory rendered for this build (osimage/features/httpdir.py)
-    payload: Any = None  # payload.Payload: a release's image embedded in this one
-    libvirt: Any = None  # libvirt_steps.LibvirtBuild: hypervisor connection, domain name
-    exports: Any = None  # exports.Exports: the diskless outputs (rootfs, squashfs, OCI)
+    accept_new_host_key: bool = False  # --accept-new-host-key (SSH mirrors)
+    http_dir: Path | None = None  # http_directory as served to this build (rendered or as is)
+    # Each feature's and the backend's own state for this build, under its name.
+    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def interactive(self) -> bool:
@@ -81,3 +103,10 @@ class BuildContext:
     @property
     def mirror_dest(self) -> str:
         return f"builds/{self.image.name}/{self.version}"
+
+    def mirror(self) -> Mirror:
+        """The site's mirror, opened for this build."""
+        from osimage.publish.mirror import open_mirror
+
+        return open_mirror(self.site.mirror_url, self.root, self.site.data["mirror"],
+                           accept_new_host_key=self.accept_new_host_key)

@@ -122,3 +122,50 @@ class BuildProgress:
         self.log.write(text + "\n")
         self.log.flush()
         self.text_tail = [*self.text_tail, text][-40:]
+
+
+# --- an interactive build: how to reach the VM ---------------------------------------------
+
+_SSH_PORT = re.compile(r"Found port for communicator \(SSH, WinRM, etc\): (\d+)")
+_VNC = re.compile(r"vnc://(127\.0\.0\.1|[\d.]+):(\d+)|VNC \((127\.0\.0\.1|[\d.]+):(\d+)\)")
+_VM_UP = ("Waiting for SSH to become available", "Connected to SSH")
+
+
+@dataclass
+class LoginHints:
+    """Reads Packer's output and, once the VM is up, prints how to log in to it."""
+
+    user: str
+    key_file: Path
+    backend: str = "qemu"
+    serial_socket: Path | None = None
+    domain: str | None = None
+    ssh_port: int | None = None
+    vnc: str | None = None
+    shown: bool = False
+    lines: list[str] = field(default_factory=list)
+
+    def feed(self, line: str) -> None:
+        if (m := _SSH_PORT.search(line)) is not None:
+            self.ssh_port = int(m[1])
+        if (m := _VNC.search(line)) is not None:
+            host, port = (m[1], m[2]) if m[1] else (m[3], m[4])
+            self.vnc = f"{host}:{port}"
+        if not self.shown and any(s in line for s in _VM_UP):
+            self.shown = True
+            runner.say("\n".join(["", *self.text(), ""]))
+
+    def text(self) -> list[str]:
+        port = f" -p {self.ssh_port}" if self.ssh_port else ""
+        out = ["==> osimage: the VM is up; to log in:",
+               f"    ssh -i {self.key_file}{port} -o StrictHostKeyChecking=no "
+               f"-o UserKnownHostsFile=/dev/null {self.user}@127.0.0.1"]
+        if self.backend == "libvirt" and self.domain:
+            out.append(f"    virsh console {self.domain}      (domain {self.domain})")
+        if self.vnc:
+            host, port = self.vnc.rsplit(":", 1)
+            out.append(f"    VNC display: vnc://{self.vnc} (vncviewer {host}::{port})")
+        if self.serial_socket is not None:
+            out.append(f"    serial console: socat -,raw,echo=0,escape=0x0f "
+                       f"UNIX-CONNECT:{self.serial_socket} (Ctrl-O leaves)")
+        return out

@@ -1,58 +1,38 @@
 """A build as a flat list of named steps; each is printed with its time.
 
-Resources (the work directory's lock, the temporary SSH key, Packer's output) are registered in
-one ExitStack as they are made, so a failure or an interrupt anywhere cleans up the same way.
+The list is the core steps (osimage/build/steps.py), the backend's steps in and around their
+slots (osimage/backends/), and each feature's (osimage/features/registry.py), assembled per
+build by osimage/build/feature.py. Resources (the work folder's lock, the temporary SSH key,
+Packer's output, the hypervisor's domain) are registered in one ExitStack as they are made, so
+a failure or an interrupt anywhere cleans up the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from osimage import __version__, config, runner
-from osimage.build import accel, gitstate, packer, render
-from osimage.build.context import BuildContext
-from osimage.errors import BuildError, ConfigError, FactoryError
-from osimage.features import debug, exports, httpdir, patches, payload
-from osimage.features.ociregistry import step_check_registry
+from osimage import config, runner
+from osimage.backends.registry import backend_of
+from osimage.build import gitstate, packer, render
+from osimage.build.context import BuildContext, BuildOptions
+from osimage.build.feature import Step, assemble, select
+from osimage.build.steps import CORE
+from osimage.errors import FactoryError
+from osimage.features.registry import FEATURES
 from osimage.fsutil import waiting_lock
-from osimage.publish import artifacts, mirrorcheck, pending
-from osimage.publish.mirror import open_mirror
-from osimage.publish.mirrorlock import PublishRefused
-from osimage.release import image_manifest as manifest
 from osimage.ui import Reporter
 
-Step = Callable[[BuildContext, contextlib.ExitStack], None]
-
-
-@dataclass
-class BuildOptions:
-    image: str
-    release: str | None = None
-    skip_commit: bool = False
-    site_file: Path | None = None
-    keep_failed: bool = False
-    publish: bool = True
-    create_patches: bool = False
-    debug: bool = False
-    break_before: tuple[str, ...] = ()
-    break_after: tuple[str, ...] = ()
-    replace: bool = False  # --replace: files of this version on the mirror may get other bytes
-
-    @property
-    def interactive(self) -> bool:
-        return self.debug or bool(self.break_before or self.break_after)
-
-
 # --- preparing -------------------------------------------------------------------------------
+
+
+def check_options(root: Path, opts: BuildOptions) -> BuildOptions:
+    """Every feature's say on the options, before anything is read or printed (exit 2)."""
+    for feature in FEATURES:
+        opts = feature.check_options(root, opts)
+    return opts
 
 
 def prepare(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
@@ -62,7 +42,6 @@ def prepare(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
     image = config.load_image(root, opts.image)
     state = gitstate.read_state(root)
     gitstate.require_clean(state, opts.skip_commit)
-    debug.check_options(image, opts.debug, opts.break_before, opts.break_after)
     version = gitstate.version_for(state, opts.release,
                                    suffix="-debug" if opts.interactive else "")
     packer.check_version(site.packer_binary)
@@ -74,6 +53,8 @@ def prepare(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
                        keep_failed=opts.keep_failed, reporter=reporter, debug=opts.debug,
                        break_before=list(opts.break_before), break_after=list(opts.break_after))
     ctx.replace = opts.replace
+    ctx.create_patches = opts.create_patches
+    ctx.accept_new_host_key = opts.accept_new_host_key
     reporter.info(f"    image {image.name}, version {version}, commit {state.short}"
                   f"{' (dirty)' if state.dirty else ''}")
     if state.dirty:
@@ -92,485 +73,42 @@ def work_dir_lock(ctx: BuildContext, reporter: Reporter) -> Iterator[None]:
         yield
 
 
-def _resolve_location(root: Path, value: str) -> str:
-    if "://" in value:
-        return value
-    path = Path(value)
-    return str(path if path.is_absolute() else root / path)
+def plan(ctx: BuildContext, opts: BuildOptions) -> list[Step]:
+    """This build's steps: the core ones, the backend's and every feature's, less what the
+    options and the features leave out."""
+    added = [s for f in FEATURES for s in f.steps(ctx)]
+    added += backend_of(ctx).steps
+    skipped = {slot for f in FEATURES for slot in f.skips(ctx)}
+    return select(assemble(CORE, added, skipped), opts)
 
 
-def _run_prepare(ctx: BuildContext, script: Path, target: Path, reporter: Reporter) -> None:
-    stamp = target.parent / ".prepare-stamp"
-    script_hash = hashlib.sha256(script.read_bytes()).hexdigest()
-    if target.exists() and stamp.exists() and stamp.read_text().strip() == script_hash:
-        return
-    reporter.info(f"    making {target.name} with {script.relative_to(ctx.root)}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with (ctx.work_dir / "prepare.log").open("w") as log:
-        runner.run([script, target.parent], cwd=ctx.root, log=log, what=script.name)
-    if not target.exists():
-        raise BuildError(f"{script.relative_to(ctx.root)} did not make {target}")
-    stamp.write_text(script_hash + "\n")
+def _start(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
+    ctx = prepare(root, check_options(root, opts), reporter)
+    for feature in FEATURES:
+        feature.start(ctx, opts)
+    return ctx
 
 
-def step_source(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    src = ctx.image.data["source"]
-    shown, key = f"images/{ctx.image.name}/image.yaml", "source"
-    override = ctx.site.data.get("sources", {}).get(ctx.image.name)
-    if override is not None:  # the site's local copy of the source (site.yaml: sources.IMAGE)
-        src = override
-        shown = config.display_path(ctx.site.path, ctx.root) if ctx.site.path else "site.yaml"
-        key = f"sources.{ctx.image.name}"
-        ctx.reporter.info(f"    source from {shown} ({key})")
-    location = src.get("disk") or src["iso"]
-    if "prepare" in src:
-        if "://" in location:
-            raise ConfigError(f"{shown}: {key}.prepare needs a local path, not {location!r}")
-        _run_prepare(ctx, ctx.root / src["prepare"], Path(_resolve_location(ctx.root, location)),
-                     ctx.reporter)
-    ctx.source_url = _resolve_location(ctx.root, location)
-    checksum: str = src["checksum"]
-    if checksum.startswith("file:"):
-        ref = checksum.removeprefix("file:")
-        if "://" in ref:
-            ctx.source_checksum = checksum  # Packer fetches and checks it
-        else:
-            path = Path(_resolve_location(ctx.root, ref))
-            try:
-                text = path.read_text()
-            except OSError:
-                raise ConfigError(f"{shown}: {key}.checksum: cannot read {ref}") from None
-            digest = artifacts.parse_checksum_file(text, Path(location).name)
-            if digest is None:
-                raise ConfigError(f"{shown}: {key}.checksum: no sha256 for "
-                                  f"{Path(location).name} in {ref}")
-            ctx.source_checksum = f"sha256:{digest}"
-    else:
-        ctx.source_checksum = checksum
-    if "://" not in ctx.source_url and not Path(ctx.source_url).exists():
-        raise ConfigError(f"{shown}: {key}: {location} does not exist")
-
-
-def inputs_hash(ctx: BuildContext) -> str:
-    """sha256 over what decides the image: its folder, templates/, the source checksum and
-    the source's prepare script (config.check_image_paths keeps every other path inside the
-    image folder)."""
-    h = hashlib.sha256()
-    folders = [ctx.image.directory, ctx.root / "templates"]
-    for folder in folders:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.name not in ("manifest.json", "manifest.json.lock"):
-                h.update(str(path.relative_to(ctx.root)).encode() + b"\0")
-                h.update(path.read_bytes() + b"\0")
-    h.update(ctx.source_checksum.encode())
-    # What image.yaml (or the site's sources) names outside the image folder: the source counts
-    # by its checksum above; the script that makes it by its bytes.
-    src = ctx.site.data.get("sources", {}).get(ctx.image.name) or ctx.image.data["source"]
-    if "prepare" in src:
-        h.update(b"\0prepare:" + (ctx.root / src["prepare"]).read_bytes())
-    if ctx.patches is not None:
-        h.update(b"\0patches:" + ctx.patches.sha256.encode())
-    if ctx.payload is not None:
-        h.update(b"\0payload:" + ctx.payload.sha256.encode())
-    return h.hexdigest()
-
-
-def step_key(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """The build's temporary SSH key: made for this build only, deleted when it ends."""
-    key_dir = Path(tempfile.mkdtemp(prefix=f"osimage-{ctx.image.name}-key-"))
-    stack.callback(shutil.rmtree, key_dir, True)
-    key = key_dir / "id_ed25519"
-    runner.output(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
-                   f"osimage-build-{ctx.run_uuid[:8]}", "-f", str(key)], what="ssh-keygen")
-    ctx.key_file = key
-
-
-def template_variables(ctx: BuildContext) -> dict[str, Any]:
-    data = ctx.image.data
-    img_dir = ctx.image.directory
-    provisioners = []
-    env = {"OSIMAGE_IMAGE": ctx.image.name, "OSIMAGE_VERSION": ctx.version,
-           "OSIMAGE_COMMIT": ctx.git.commit}
-    for prov in data["provisioners"]:
-        if prov["name"] in ctx.break_before:
-            provisioners.append({"type": "breakpoint", "name": f"break-before-{prov['name']}",
-                                 "note": f"osimage: paused before step '{prov['name']}'"})
-        p = dict(prov)
-        for key in ("script", "source", "playbook"):
-            if key in p:
-                p[key] = str(img_dir / p[key])
-        merged = {**env, **prov.get("environment", {})}
-        p["env_list"] = [f"{k}={v}" for k, v in sorted(merged.items())]
-        provisioners.append(p)
-        if prov["name"] in ctx.break_after:
-            provisioners.append({"type": "breakpoint", "name": f"break-after-{prov['name']}",
-                                 "note": f"osimage: paused after step '{prov['name']}'"})
-    provisioners = patches.provisioners(ctx, provisioners, env)
-    provisioners = payload.provisioners(ctx, provisioners)
-    provisioners = exports.provisioners(ctx, provisioners)  # the rootfs tar, last
-    # environments, inline commands and Ansible variables as files Packer uploads unread
-    provisioners = render.provision_files(provisioners, ctx.work_dir / "provision")
-    assert ctx.key_file is not None
-    qemu = ctx.site.data["qemu"]
-    ssh = data.get("ssh", {})
-    outputs = data["outputs"]["disk"]
-    return {
-        "name": ctx.image.name,
-        "version": ctx.version,
-        "source_url": ctx.source_url,
-        "source_checksum": ctx.source_checksum,
-        "disk_image": "disk" in (ctx.site.data.get("sources", {}).get(ctx.image.name)
-                                 or data["source"]),
-        "accelerator": ctx.accelerator,
-        "qemu_binary": qemu["binary"],
-        "headless": qemu["headless"],
-        "memory": data["memory"],
-        "cpus": data["cpus"],
-        "disk_size": data["disk_size"],
-        "format": outputs.get("format", "qcow2"),
-        "output_dir": str(ctx.output_dir),
-        "vm_name": f"{ctx.image.name}.{outputs.get('format', 'qcow2')}",
-        "boot_wait": data.get("boot_wait", "5s"),
-        "boot_command": data.get("boot_command", []),
-        "http_directory": httpdir.served(ctx),
-        "ssh_username": ssh.get("username", "root"),
-        "ssh_timeout": ssh.get("timeout", "10m"),
-        "ssh_key_file": str(ctx.key_file),
-        "ssh_public_key_file": str(ctx.key_file) + ".pub",
-        "shutdown_command": data.get("shutdown_command", "shutdown -P now"),
-        "provisioners": provisioners,
-        "serial_socket": str(ctx.serial_socket) if ctx.interactive else None,
-        "packer_manifest": str(ctx.packer_manifest),
-        "custom_data": {"image": ctx.image.name, "version": ctx.version,
-                        "git_commit": ctx.git.commit},
-    }
-
-
-def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    qemu = ctx.site.data["qemu"]
-    ctx.accelerator = accel.resolve(qemu["accelerator"], qemu["binary"])
-    text = render.render(ctx.root / "templates", f"{ctx.site.backend}.pkr.hcl.j2",
-                         template_variables(ctx))
-    hcl = ctx.work_dir / f"{ctx.image.name}.pkr.hcl"
-    hcl.write_text(text)
-    ctx.hcl_file = hcl
-    # Packer refuses to validate or build into an output directory that already exists.
-    shutil.rmtree(ctx.output_dir, ignore_errors=True)
-    pending.clear(ctx.work_dir)  # a kept build of this version whose publish failed: replaced
-    ctx.packer_manifest.unlink(missing_ok=True)
-    # packer validate runs while python-hcl2 parses the same text: two checks, one wait.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        validated = pool.submit(packer.validate, ctx.site.packer_binary, hcl, ctx.work_dir)
-        try:
-            shown = str(hcl.relative_to(ctx.root))
-            parsed = (ctx.hcl_checker.parse(text, shown) if ctx.hcl_checker is not None
-                      else render.parse_hcl(text, shown))
-            if not render.sources_of(parsed):
-                raise BuildError(f"{hcl}: the rendered HCL has no source block")
-            ctx.inputs_sha256 = inputs_hash(ctx)
-        finally:
-            validated.exception()  # wait for it; a parse error is the clearer message
-        validated.result()
-    ctx.reporter.info(f"    rendered {hcl.relative_to(ctx.root)} (accelerator {ctx.accelerator})")
-
-
-def step_packer(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    assert ctx.hcl_file is not None
-
-    def drop_output() -> None:
-        if not ctx.keep_failed:
-            shutil.rmtree(ctx.output_dir, ignore_errors=True)
-
-    # Until the artifacts are recorded, a failure must not leave a half-made output behind.
-    output_guard = stack.enter_context(contextlib.ExitStack())
-    output_guard.callback(drop_output)
-    env = {"PACKER_LOG": "1", "PACKER_LOG_PATH": str(ctx.work_dir / "packer-debug.log"),
-           "CHECKPOINT_DISABLE": "1", "PACKER_NO_COLOR": "1",
-           "PACKER_CACHE_DIR": str(ctx.work_dir / "packer_cache")}
-    started = time.time()
-    if ctx.interactive:
-        result, progress = _packer_interactive(ctx, env)
-    else:
-        argv = [ctx.site.packer_binary, "build", "-machine-readable"]
-        if ctx.keep_failed:
-            argv.append("-on-error=abort")
-        argv.append(ctx.hcl_file.name)
-        with ctx.log_file.open("w") as log:
-            progress = packer.BuildProgress(log=log, on_step=ctx.reporter.substep)
-            result = runner.run(argv, cwd=ctx.work_dir, env=env, on_line=progress.feed,
-                                check=False)
-    ctx.reporter.stop_substeps()
-    if not result.ok:
-        tail = "\n".join(progress.text_tail[-15:])
-        first = progress.errors[-1].splitlines()[0] if progress.errors else "see the log"
-        raise BuildError(f"packer build failed: {first} (log: {ctx.log_file})", hint=tail)
-    ctx.build_time = int(started)
-    ctx.artifact_id = progress.artifact_id
-    found = _packer_files(ctx)
-    if not found and ctx.site.backend != "libvirt":  # libvirt: the artifact is a pool volume
-        raise BuildError(f"packer build made no artifact in {ctx.output_dir}")
-    record = _packer_build_record(ctx)
-    ctx.builder_type = str(record.get("builder_type", ctx.site.backend))
-    ctx.build_time = int(record.get("build_time", ctx.build_time))
-    ctx.artifact_id = str(record.get("artifact_id", ctx.artifact_id))
-    ctx.artifacts = [artifacts.Artifact(path=p, size=0, sha256="") for p in found]
-    output_guard.pop_all()
-    stack.callback(_drop_unrecorded_output, ctx)
-
-
-def _packer_interactive(ctx: BuildContext,
-                        env: dict[str, str]) -> tuple[runner.Result, packer.BuildProgress]:
-    """packer build on the user's terminal: -debug pauses before each step, -on-error=ask
-    keeps the VM on an error until the user answers; breakpoints pause where they were put."""
-    assert ctx.hcl_file is not None and ctx.key_file is not None
-    argv = [ctx.site.packer_binary, "build"]
-    if ctx.debug:
-        argv += ["-debug", "-on-error=ask"]
-    argv.append(ctx.hcl_file.name)
-    hints = debug.LoginHints(user=ctx.image.data.get("ssh", {}).get("username", "root"),
-                             key_file=ctx.key_file, backend=ctx.site.backend,
-                             serial_socket=ctx.serial_socket)
-    with ctx.log_file.open("w") as log:
-        progress = packer.BuildProgress(log=log)
-
-        def feed(line: str) -> None:
-            hints.feed(line)
-            if "==>" in line and "Error" in line:
-                progress.errors.append(line.split("==>", 1)[-1].strip())
-            progress.text_tail = [*progress.text_tail, line][-40:]
-
-        result = runner.run_interactive(argv, cwd=ctx.work_dir, env=env, on_line=feed, log=log)
-    return result, progress
-
-
-def _drop_unrecorded_output(ctx: BuildContext) -> None:
-    if ctx.interactive and ctx.artifacts and all(a.sha256 for a in ctx.artifacts):
-        return  # a finished debug build keeps its hashed output for the user to look at
-    if not ctx.mirror_paths and not ctx.keep_failed and not pending.exists(ctx.work_dir):
-        shutil.rmtree(ctx.output_dir, ignore_errors=True)
-
-
-def _packer_files(ctx: BuildContext) -> list[Path]:
-    import json
-
-    try:
-        data = json.loads(ctx.packer_manifest.read_text())
-        names = [f["name"] for b in data["builds"] for f in b["files"]]
-    except (OSError, ValueError, KeyError):
-        names = []
-    paths = [Path(n) if Path(n).is_absolute() else ctx.work_dir / n for n in names]
-    if not paths and ctx.output_dir.is_dir():
-        paths = sorted(p for p in ctx.output_dir.iterdir() if p.is_file())
-    return [p for p in paths if p.is_file()]
-
-
-def _packer_build_record(ctx: BuildContext) -> dict[str, Any]:
-    import json
-
-    try:
-        record: dict[str, Any] = json.loads(ctx.packer_manifest.read_text())["builds"][-1]
-    except (OSError, ValueError, KeyError, IndexError):
-        return {}
-    return record
-
-
-def step_checksums(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    ctx.artifacts = [artifacts.record(a.path) for a in ctx.artifacts]
-    for a in ctx.artifacts:
-        ctx.reporter.info(f"    {a.name}: {a.size / 2**20:.1f} MiB, sha256 {a.sha256}")
-
-
-def step_check_mirror(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """Everything the publish will need, checked now rather than after the VM has run:
-    reachable, writable, room for what it will send, HTTP serving it (osimage/publish/mirrorcheck.py)."""
-    mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
-    ctx.reporter.info(f"    {mirrorcheck.check(mirror, ctx.mirror_dest, _expected_size(ctx))}")
-
-
-def _expected_size(ctx: BuildContext) -> mirrorcheck.Expected | None:
-    """What the publish will need: the files of the image's last recorded build, else the
-    source's size (a fair first guess: the artifact is made from it); None if unknown."""
-    with contextlib.suppress(ConfigError, OSError, LookupError, TypeError, ValueError):
-        builds = manifest.read(ctx.image_manifest)["builds"]
-        size = sum(int(f["size"]) for f in builds[-1]["files"]) if builds else 0
-        if size:
-            return mirrorcheck.Expected(size, "the size of its last build")
-    src = ctx.site.data.get("sources", {}).get(ctx.image.name) or ctx.image.data["source"]
-    location = src.get("disk") or src.get("iso")
-    if not location:
-        return None
-    if "://" not in location:
-        with contextlib.suppress(OSError):
-            return mirrorcheck.Expected(
-                Path(_resolve_location(ctx.root, location)).stat().st_size,
-                "the size of the source")
-        return None
-    if location.startswith(("http://", "https://")):
-        import requests
-
-        with contextlib.suppress(requests.RequestException, KeyError, ValueError):
-            answer = requests.head(location, allow_redirects=True, timeout=10)
-            if answer.ok:
-                return mirrorcheck.Expected(int(answer.headers["Content-Length"]),
-                                            "the size of the source")
-    return None
-
-
-def step_check_release(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """A version a release records never changes: refused before anything is built."""
-    pending.check_not_released(ctx.root, ctx.image.name, ctx.version)
-
-
-def step_check_published(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """A version already on the mirror is built again only with --replace (a new build has
-    other bytes, and a published file does not change without it)."""
-    mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
-    found = mirror.existing(ctx.mirror_dest)
-    if found and not ctx.replace:
-        raise PublishRefused(f"{mirror.describe()}: {ctx.mirror_dest} is already published "
-                             f"({', '.join(found)}): a published version is not built again",
-                             hint="commit a change (a new version), or pass --replace to build "
-                                  "it again and replace its files")
-    if pending.exists(ctx.work_dir):
-        ctx.reporter.warn(f"{ctx.work_dir} keeps a build of this version that was not published: "
-                          f"`{pending.command(ctx.image.name, ctx.version)}` would publish it "
-                          "without building again; this build replaces it")
-
-
-def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
-    pending.check_not_released(ctx.root, ctx.image.name, ctx.version)  # recorded meanwhile?
-    pending.save(ctx.work_dir, ctx.mirror_dest, ctx.artifacts, manifest_entry(ctx))
-    try:
-        ctx.mirror_paths = mirror.publish(ctx.artifacts, ctx.mirror_dest, ctx.replace)
-    except FactoryError as e:
-        raise pending.kept(e, ctx.work_dir, ctx.image.name, ctx.version) from None
-    ctx.reporter.info(f"    {mirror.describe()}: {ctx.mirror_dest}/{pending.sent(mirror)}")
-
-
-def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
-    return {
-        "name": ctx.image.name,
-        "builder_type": ctx.builder_type,
-        "build_time": ctx.build_time,
-        "files": [{"name": a.name, "size": a.size, **exports.file_kind(ctx, a.name)}
-                  for a in ctx.artifacts],
-        "artifact_id": ctx.artifact_id or ctx.image.name,
-        "packer_run_uuid": ctx.run_uuid,
-        "custom_data": {
-            "version": ctx.version,
-            "release": ctx.release,
-            "git_commit": ctx.git.commit,
-            "dirty": ctx.git.dirty,
-            "sha256": {a.name: a.sha256 for a in ctx.artifacts},
-            # --no-publish: nothing is on the mirror, and tidy/release must not think so
-            "published": bool(ctx.mirror_paths),
-            "mirror_path": ctx.mirror_dest if ctx.mirror_paths else None,
-            "inputs_sha256": ctx.inputs_sha256,
-            "accelerator": ctx.accelerator,
-            "patches": patches.record(ctx),
-            "payload": payload.record(ctx),
-            "exports": exports.record(ctx),
-            "osimage_version": __version__,
-        },
-    }
-
-
-def step_manifest(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    manifest.append_build(ctx.image_manifest, manifest_entry(ctx))
-    pending.clear(ctx.work_dir)
-    ctx.reporter.info(f"    recorded run {ctx.run_uuid} in "
-                   f"{ctx.image_manifest.relative_to(ctx.root)}")
-
-
-BUILD_STEPS: list[tuple[str, Step]] = [
-    ("check mirror", step_check_mirror),
-    ("check registry", step_check_registry),  # images that push an OCI export only
-    ("check release", step_check_release),  # a released version is never built again
-    ("check published", step_check_published),
-    ("security patches", patches.step_fetch),  # before anything else: a --release build
-    ("prepare source", step_source),
-    ("resolve payload", payload.step_resolve),  # images that embed a release's image only
-    ("make build key", step_key),
-    ("render http files", httpdir.step_http),  # an http_directory with templates only
-    ("render and validate HCL", step_render),
-    ("fetch payload", payload.step_fetch),
-    ("packer build", step_packer),
-    ("collect patch tarball", patches.step_collect),  # --create-patches only
-    ("publish patch tarball", patches.step_publish),
-    ("hash artifacts", step_checksums),
-    *exports.STEPS,  # images with outputs.rootfs only: rootfs, kernel, squashfs, OCI
-    ("publish to mirror", step_publish),
-    ("record in manifest.json", step_manifest),
-]
-
-def mode_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[str, Step]]:
-    """A --create-patches build makes a patch tarball, not a release image: its disk is
-    neither hashed, published nor recorded, and the tarball is published only when the
-    build publishes. A --release build first fetches and checks its patch tarball."""
-    if ctx.create_patches:
-        drop: set[Step] = {patches.step_fetch, step_checksums, step_publish, step_manifest,
-                           step_check_release, step_check_published}
-        if not any(s[1] is step_publish for s in steps):
-            drop.add(patches.step_publish)
-    else:
-        drop = {patches.step_collect, patches.step_publish}
-        if ctx.release is None:
-            drop.add(patches.step_fetch)
-    if payload.spec_of(ctx.image) is None:
-        drop |= {payload.step_resolve, payload.step_fetch}
-    if not httpdir.has_templates(ctx.image):
-        drop.add(httpdir.step_http)
-    drop |= exports.unused_steps(ctx)
-    if exports.step_push in drop or exports.registry(ctx) is None:
-        drop.add(step_check_registry)
-    return [s for s in steps if s[1] not in drop]
-
-
-def backend_steps(ctx: BuildContext, steps: list[tuple[str, Step]]) -> list[tuple[str, Step]]:
-    """The libvirt backend adds its own steps around Packer (osimage/backends/libvirt/steps.py)."""
-    if ctx.site.backend != "libvirt":
-        return steps
-    from osimage.backends.libvirt import steps as libvirt_steps
-
-    return libvirt_steps.adapt(steps, render_step=step_render, packer_step=step_packer,
-                               checksums_step=step_checksums)
+def _run(ctx: BuildContext, steps: list[Step], stack: contextlib.ExitStack) -> None:
+    for step in steps:
+        runner.check_interrupted()
+        with ctx.reporter.step(step.name):
+            step.run(ctx, stack)
 
 
 def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
     t0 = time.monotonic()
     checker = render.HCLChecker()
     with runner.forwarded_signals(), contextlib.closing(checker):
-        release = patches.check_options(root, opts.image, opts.release, opts.create_patches)
-        payload.check_options(root, opts.image, release)
-        ctx = prepare(root, replace(opts, release=release), reporter)
+        ctx = _start(root, opts, reporter)
         ctx.hcl_checker = checker
-        patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
-        steps = BUILD_STEPS
-        # A build that does not publish touches neither the mirror nor the registry.
-        publishing = {step_publish, step_check_mirror, step_check_registry,
-                      step_check_published, *exports.PUBLISH_STEPS}
-        if not opts.publish:
-            steps = [s for s in steps if s[1] not in publishing]
-        if opts.interactive:  # a debug build is never published nor recorded
-            steps = [s for s in steps
-                     if s[1] not in publishing | {step_manifest, step_check_release}]
-        steps = backend_steps(ctx, mode_steps(ctx, steps))
+        steps = plan(ctx, opts)
         # checks that may refuse the build run before it takes the work dir: a refused build
         # leaves nothing behind
-        checks = (step_check_mirror, step_check_registry, step_check_release,
-                  step_check_published)
         with contextlib.ExitStack() as stack:
-            for name, step in [s for s in steps if s[1] in checks]:
-                runner.check_interrupted()
-                with reporter.step(name):
-                    step(ctx, stack)
-        steps = [s for s in steps if s[1] not in checks]
+            _run(ctx, [s for s in steps if s.check], stack)
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
-            for name, step in steps:
-                runner.check_interrupted()
-                with reporter.step(name):
-                    step(ctx, stack)
+            _run(ctx, [s for s in steps if not s.check], stack)
     if opts.interactive:
         reporter.info(f"debug build of {ctx.image.name} {ctx.version} done in "
                       f"{time.monotonic() - t0:.1f} s: {ctx.output_dir} (not published, "
@@ -584,18 +122,11 @@ def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContex
 def render_only(root: Path, opts: BuildOptions, reporter: Reporter) -> Path:
     """./build.py render IMAGE: render and validate, no build; the git tree may be dirty."""
     opts.skip_commit = True
+    opts.render_only = True
     with runner.forwarded_signals():
-        release = patches.check_options(root, opts.image, opts.release, opts.create_patches)
-        ctx = prepare(root, replace(opts, release=release), reporter)
-        patches.start(ctx, opts.create_patches, opts.release if opts.create_patches else None)
+        ctx = _start(root, opts, reporter)
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
-            upto = [s[1] for s in BUILD_STEPS].index(step_render) + 1
-            steps = [s for s in BUILD_STEPS[:upto]
-                     if s[1] not in (step_check_mirror, step_check_registry,
-                                     step_check_release, step_check_published)]
-            for name, step in backend_steps(ctx, mode_steps(ctx, steps)):
-                with reporter.step(name):
-                    step(ctx, stack)
+            _run(ctx, plan(ctx, opts), stack)
     assert ctx.hcl_file is not None
     return ctx.hcl_file
 

@@ -26,29 +26,26 @@ temp dir for skopeo's --authfile): never from argv.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fnmatch
-import json
-import os
 import re
 import shutil
 import tarfile
-import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from osimage import runner
+from osimage.build.context import BuildContext
+from osimage.build.feature import Feature, Step
 from osimage.errors import BuildError, ConfigError
-from osimage.features import oci
+from osimage.features import oci, ociregistry
 from osimage.publish import artifacts
 from osimage.sizes import human
 
-if TYPE_CHECKING:
-    from osimage.build.context import BuildContext
-
+NAME = "exports"
 DEFAULT_ROOTFS_PATH = "/var/tmp/osimage-rootfs.tar"
 DEFAULT_KERNEL = "boot/vmlinuz-*"
 DEFAULT_INITRAMFS = "boot/initramfs-{version}.img"
@@ -58,15 +55,14 @@ DEFAULT_INITRAMFS = "boot/initramfs-{version}.img"
 class Exports:
     """What the export steps made: each file's kind, and where the OCI image was pushed."""
 
-    kinds: dict[str, str] = field(default_factory=dict)  # artifact name -> kind
     rootfs: Path | None = None
     kernel_version: str | None = None
     oci_layout: Path | None = None
     oci_reference: str | None = None
     oci_digest: str | None = None
 
-    def record(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"files": dict(self.kinds)}
+    def record(self, files: Sequence[artifacts.Artifact]) -> dict[str, Any]:
+        out: dict[str, Any] = {"files": {a.name: a.kind for a in files if a.kind}}
         if self.kernel_version is not None:
             out["kernel_version"] = self.kernel_version
         if self.oci_reference is not None:
@@ -85,9 +81,7 @@ def wanted(ctx: BuildContext) -> bool:
 
 
 def _state(ctx: BuildContext) -> Exports:
-    if ctx.exports is None:
-        ctx.exports = Exports()
-    state: Exports = ctx.exports
+    state: Exports = ctx.state.setdefault(NAME, Exports())
     return state
 
 
@@ -100,22 +94,17 @@ def rootfs_path(ctx: BuildContext) -> Path:
     return out_dir(ctx) / f"{ctx.image.name}-rootfs.tar"
 
 
-def file_kind(ctx: BuildContext, name: str) -> dict[str, str]:
-    """{'kind': ...} for an export's manifest.json file entry; {} for the disk."""
-    if ctx.exports is None or name not in ctx.exports.kinds:
-        return {}
-    return {"kind": ctx.exports.kinds[name]}
-
-
 def record(ctx: BuildContext) -> dict[str, Any] | None:
     """The manifest entry's `exports`: kinds of the files, the pushed OCI reference."""
-    return ctx.exports.record() if ctx.exports is not None else None
+    state: Exports | None = ctx.state.get(NAME)
+    return state.record(ctx.artifacts) if state is not None else None
 
 
 # --- in the VM: the rootfs provisioner, after all the image's own ----------------------------
 
 
-def provisioners(ctx: BuildContext, provs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def provisioners(ctx: BuildContext, provs: list[dict[str, Any]],
+                 env: dict[str, str]) -> list[dict[str, Any]]:
     if not wanted(ctx):
         return provs
     rootfs = spec(ctx)["rootfs"]
@@ -146,9 +135,8 @@ def check_config(ctx: BuildContext) -> None:
 
 
 def _add(ctx: BuildContext, path: Path, kind: str) -> artifacts.Artifact:
-    made = artifacts.record(path)
+    made = replace(artifacts.record(path), kind=kind)
     ctx.artifacts.append(made)
-    _state(ctx).kinds[made.name] = kind
     ctx.reporter.info(f"    {made.name}: {human(made.size)}, sha256 {made.sha256}")
     return made
 
@@ -305,65 +293,29 @@ def step_oci(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     _add(ctx, archive, "oci")
 
 
-def registry(ctx: BuildContext) -> dict[str, Any] | None:
-    reg: dict[str, Any] | None = ctx.site.data.get("registry")
-    return reg
-
-
 def _repository(ctx: BuildContext) -> str:
     repo: str = spec(ctx)["oci"].get("repository", ctx.image.name)
     return repo
 
 
 def reference(ctx: BuildContext) -> str:
-    reg = registry(ctx)
+    reg = ociregistry.registry(ctx)
     assert reg is not None
     return f"{reg['url'].rstrip('/')}/{_repository(ctx)}:{_tag(ctx)}"
 
 
-@contextlib.contextmanager
-def auth_file(ctx: BuildContext) -> Any:
-    """The --authfile for skopeo, or None to let skopeo use REGISTRY_AUTH_FILE / its default.
-    A username and password from the environment go to a 0600 file in a private temp dir."""
-    reg = registry(ctx) or {}
-    if "auth_file" in reg:
-        path = Path(reg["auth_file"])
-        path = path if path.is_absolute() else ctx.root / path
-        if not path.is_file():
-            raise ConfigError(f"site file: registry.auth_file: {reg['auth_file']!r} does not "
-                              "exist")
-        yield path
-        return
-    user = os.environ.get("OSIMAGE_REGISTRY_USERNAME")
-    password = os.environ.get("OSIMAGE_REGISTRY_PASSWORD")
-    if not user or password is None:
-        yield None
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="osimage-registry-"))  # 0700
-    try:
-        path = tmp / "auth.json"
-        host = reg["url"].split("/", 1)[0]
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"auths": {host: {"auth": token}}}, f)
-        yield path
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def step_push(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     """skopeo copy of the OCI layout to the site's registry; records the manifest digest."""
-    if registry(ctx) is None:
+    if ociregistry.registry(ctx) is None:
         ctx.reporter.info("    no registry in the site file: the OCI image is not pushed "
                           "(its archive is published with the build)")
         return
     state = _state(ctx)
     assert state.oci_layout is not None
     ref = reference(ctx)
-    tls = "true" if (registry(ctx) or {}).get("tls_verify", True) else "false"
+    tls = "true" if (ociregistry.registry(ctx) or {}).get("tls_verify", True) else "false"
     digest_file = out_dir(ctx) / "oci-digest"
-    with auth_file(ctx) as auth, (ctx.work_dir / "exports.log").open("a") as log:
+    with ociregistry.auth_file(ctx) as auth, (ctx.work_dir / "exports.log").open("a") as log:
         argv = ["skopeo", "copy", "--quiet", f"--dest-tls-verify={tls}",
                 "--digestfile", str(digest_file)]
         if auth is not None:
@@ -375,22 +327,38 @@ def step_push(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     ctx.reporter.info(f"    pushed docker://{ref} ({state.oci_digest})")
 
 
-STEPS = [
-    ("export rootfs", step_rootfs),
-    ("extract kernel and initramfs", step_boot),
-    ("build squashfs", step_squashfs),
-    ("build OCI image", step_oci),
-    ("push OCI image", step_push),
-]
-_NEEDS = {step_boot: "boot", step_squashfs: "squashfs", step_oci: "oci", step_push: "oci"}
-# Steps with effects outside the build's work folder: a build that does not publish
-# (--no-publish, --debug, --break-*) leaves them out, or it would move a published tag.
-PUBLISH_STEPS = {step_push}
+class DisklessExports(Feature):
+    name = NAME
+    recorded = True
+
+    def steps(self, ctx: BuildContext) -> list[Step]:
+        """After the disk is hashed: the exports the image lists (none without
+        outputs.rootfs); the push, and its check before the VM, only to a site's registry."""
+        if not wanted(ctx):
+            return []
+        outputs = spec(ctx)
+        steps = [Step("export rootfs", step_rootfs, at="after artifacts")]
+        if "boot" in outputs:
+            steps.append(Step("extract kernel and initramfs", step_boot, at="after artifacts"))
+        if "squashfs" in outputs:
+            steps.append(Step("build squashfs", step_squashfs, at="after artifacts"))
+        if "oci" in outputs:
+            steps.append(Step("build OCI image", step_oci, at="after artifacts"))
+            # effects outside the work folder: a build that does not publish leaves it out,
+            # or it would move a published tag
+            steps.append(Step("push OCI image", step_push, at="after artifacts",
+                              publishes=True))
+            if ociregistry.registry(ctx) is not None:
+                steps.append(Step("check registry", ociregistry.step_check_registry,
+                                  at="after check mirror", publishes=True, check=True))
+        return steps
+
+    def provisioners(self, ctx: BuildContext, provs: list[dict[str, Any]],
+                     env: dict[str, str]) -> list[dict[str, Any]]:
+        return provisioners(ctx, provs, env)
+
+    def record(self, ctx: BuildContext) -> Any:
+        return record(ctx)
 
 
-def unused_steps(ctx: BuildContext) -> set[Any]:
-    """The export steps this build does not run (all of them without outputs.rootfs)."""
-    if not wanted(ctx):
-        return {s for _, s in STEPS}
-    outputs = spec(ctx)
-    return {s for s, need in _NEEDS.items() if need not in outputs}
+FEATURE = DisklessExports()

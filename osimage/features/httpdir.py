@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from osimage.build.context import BuildContext
+from osimage.build.feature import Feature, Step
 from osimage.config import Image, display_path
 from osimage.errors import BuildError, ConfigError
 
@@ -105,9 +106,13 @@ def step_http(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     ctx.reporter.info(f"    rendered {names} into {display_path(dest, ctx.root)}/")
 
 
-def served(ctx: BuildContext) -> str | None:
-    """The folder Packer's HTTP server serves: the rendered one, else the image's own."""
-    if ctx.http_dir is not None:
-        return str(ctx.http_dir)
-    folder = ctx.image.data.get("http_directory")
-    return None if folder is None else str(ctx.image.directory / folder)
+class HttpDirectory(Feature):
+    name = "http_directory"
+
+    def steps(self, ctx: BuildContext) -> list[Step]:
+        if not has_templates(ctx.image):
+            return []
+        return [Step("render http files", step_http, at="after key")]
+
+
+FEATURE = HttpDirectory()

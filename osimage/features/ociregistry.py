@@ -13,13 +13,14 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from osimage import netreason
 from osimage.errors import BuildError, ConfigError
-from osimage.features import exports
 
 if TYPE_CHECKING:
     import requests
@@ -31,11 +32,47 @@ CREDENTIALS_HINT = ("set registry.auth_file in the site file, or OSIMAGE_REGISTR
                     "OSIMAGE_REGISTRY_PASSWORD")
 
 
+def registry(ctx: BuildContext) -> dict[str, Any] | None:
+    reg: dict[str, Any] | None = ctx.site.data.get("registry")
+    return reg
+
+
+@contextlib.contextmanager
+def auth_file(ctx: BuildContext) -> Any:
+    """The --authfile for skopeo, or None to let skopeo use REGISTRY_AUTH_FILE / its default.
+    A username and password from the environment go to a 0600 file in a private temp dir."""
+    reg = registry(ctx) or {}
+    if "auth_file" in reg:
+        path = Path(reg["auth_file"])
+        path = path if path.is_absolute() else ctx.root / path
+        if not path.is_file():
+            raise ConfigError(f"site file: registry.auth_file: {reg['auth_file']!r} does not "
+                              "exist")
+        yield path
+        return
+    user = os.environ.get("OSIMAGE_REGISTRY_USERNAME")
+    password = os.environ.get("OSIMAGE_REGISTRY_PASSWORD")
+    if not user or password is None:
+        yield None
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="osimage-registry-"))  # 0700
+    try:
+        path = tmp / "auth.json"
+        host = reg["url"].split("/", 1)[0]
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"auths": {host: {"auth": token}}}, f)
+        yield path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def step_check_registry(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    reg = exports.registry(ctx)
+    reg = registry(ctx)
     assert reg is not None
     host = str(reg["url"]).split("/", 1)[0]
-    with exports.auth_file(ctx) as auth:
+    with auth_file(ctx) as auth:
         login = credentials(host, auth)
     ctx.reporter.info(f"    registry {host}: {check(host, reg.get('tls_verify', True), login)}")
 

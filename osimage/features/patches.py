@@ -34,22 +34,21 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from osimage import __version__, config
+from osimage.build.context import BuildContext, BuildOptions
+from osimage.build.feature import Feature, Step
 from osimage.errors import ConfigError
 from osimage.features import patchindex, tarcheck
 from osimage.fsutil import atomic_write_text
 from osimage.publish import artifacts, download
-from osimage.publish.mirror import open_mirror
 from osimage.release import commands as release
 from osimage.sizes import human, parse_size
 
-if TYPE_CHECKING:
-    from osimage.build.context import BuildContext
-
+NAME = "patches"
 PATCH_DIR = "repos/Rocky8"
 DEFAULT_DESTINATION = "/tmp/osimage-patches.tar"
 SUFFIX = {"gzip": ".tar.gz", "xz": ".tar.xz", "bzip2": ".tar.bz2", "none": ".tar"}
@@ -72,6 +71,11 @@ class AppliedPatches:
     def record(self) -> dict[str, str]:
         return {"name": self.name, "sha256": self.sha256,
                 "repacked_sha256": self.repacked_sha256}
+
+
+def _applied(ctx: BuildContext) -> AppliedPatches | None:
+    applied: AppliedPatches | None = ctx.state.get(NAME)
+    return applied
 
 
 def cache_dir() -> Path:
@@ -118,7 +122,6 @@ def _declares_create(root: Path, name: str) -> bool:
 
 
 def start(ctx: BuildContext, create: bool, ignored_release: str | None) -> None:
-    ctx.create_patches = create
     if create:
         ctx.reporter.info("    --create-patches: the build makes the next patch tarball for "
                           f"{PATCH_DIR}/; its disk is neither published nor recorded")
@@ -182,7 +185,7 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                       f"{_summary(patch_set)}")
     ctx.reporter.info(f"    {name}: the VM gets a re-pack of exactly those members, sha256 "
                       f"{contents.repack_sha256}")
-    ctx.patches = AppliedPatches(name=name, sha256=patches.sha256, mirror_path=patches.path,
+    ctx.state[NAME] = AppliedPatches(name=name, sha256=patches.sha256, mirror_path=patches.path,
                                  path=kept, repacked_sha256=contents.repack_sha256)
 
 
@@ -225,7 +228,8 @@ def _summary(p: patchindex.PatchSet) -> str:
 
 def record(ctx: BuildContext) -> dict[str, str] | None:
     """The build's manifest entry's `patches`: the applied tarball's name and sha256, or None."""
-    return ctx.patches.record() if ctx.patches is not None else None
+    applied = _applied(ctx)
+    return applied.record() if applied is not None else None
 
 
 # --- the Packer steps ------------------------------------------------------------------------
@@ -245,14 +249,15 @@ def provisioners(ctx: BuildContext, provs: list[dict[str, Any]],
     """The image's provisioners with the patch steps: upload + apply first (--release with a
     tarball), or create + download last (--create-patches)."""
     spec = _spec(ctx.image)
-    if ctx.patches is not None:
+    applied = _applied(ctx)
+    if applied is not None:
         apply = spec["apply"]
         dest = apply.get("destination", DEFAULT_DESTINATION)
         merged = {**env, **apply.get("environment", {}), "OSIMAGE_PATCHES": dest,
-                  "OSIMAGE_PATCHES_NAME": ctx.patches.name,
-                  "OSIMAGE_PATCHES_SHA256": ctx.patches.sha256,
-                  "OSIMAGE_PATCHES_REPACK_SHA256": ctx.patches.repacked_sha256}
-        return [{"name": "patches-upload", "type": "file", "source": str(ctx.patches.path),
+                  "OSIMAGE_PATCHES_NAME": applied.name,
+                  "OSIMAGE_PATCHES_SHA256": applied.sha256,
+                  "OSIMAGE_PATCHES_REPACK_SHA256": applied.repacked_sha256}
+        return [{"name": "patches-upload", "type": "file", "source": str(applied.path),
                  "destination": dest},
                 {"name": "patches-apply", "type": "shell",
                  "script": str(ctx.image.directory / apply["script"]),
@@ -332,6 +337,49 @@ def _publish_name(ctx: BuildContext, prefix: str, suffix: str) -> str:
 
 
 def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    mirror = open_mirror(ctx.site.mirror_url, ctx.root, ctx.site.data["mirror"])
+    mirror = ctx.mirror()
     ctx.mirror_paths = mirror.publish(ctx.artifacts, PATCH_DIR)
     ctx.reporter.info(f"    {mirror.describe()}: {', '.join(ctx.mirror_paths)}")
+
+
+class Patches(Feature):
+    name = NAME
+    recorded = True
+
+    def check_options(self, root: Path, opts: BuildOptions) -> BuildOptions:
+        return replace(opts, release=check_options(root, opts.image, opts.release,
+                                                   opts.create_patches))
+
+    def start(self, ctx: BuildContext, asked: BuildOptions) -> None:
+        start(ctx, asked.create_patches, asked.release if asked.create_patches else None)
+
+    def steps(self, ctx: BuildContext) -> list[Step]:
+        if ctx.create_patches:
+            return [Step("collect patch tarball", step_collect, at="after packer"),
+                    Step("publish patch tarball", step_publish, at="after packer",
+                         publishes=True)]
+        if ctx.release is None:
+            return []
+        # before anything else of a --release build: a refused tarball starts no VM
+        return [Step("security patches", step_fetch, at="before source")]
+
+    def skips(self, ctx: BuildContext) -> set[str]:
+        """The VM of a --create-patches build is no release image: its disk is neither
+        hashed, published nor recorded."""
+        if not ctx.create_patches:
+            return set()
+        return {"artifacts", "publish", "record", "check release", "check published"}
+
+    def provisioners(self, ctx: BuildContext, provs: list[dict[str, Any]],
+                     env: dict[str, str]) -> list[dict[str, Any]]:
+        return provisioners(ctx, provs, env)
+
+    def record(self, ctx: BuildContext) -> Any:
+        return record(ctx)
+
+    def inputs(self, ctx: BuildContext) -> bytes:
+        applied = _applied(ctx)
+        return applied.sha256.encode() if applied is not None else b""
+
+
+FEATURE = Patches()

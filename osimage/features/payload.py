@@ -26,12 +26,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from osimage import config
-from osimage.build.context import BuildContext
+from osimage.build.context import BuildContext, BuildOptions
+from osimage.build.feature import Feature, Step
 from osimage.errors import ConfigError
 from osimage.publish import download
 from osimage.release import commands as release
 from osimage.sizes import human, parse_size
 
+NAME = "payload"
 STAND_IN = "payload-stand-in.raw"  # the file `render` without --release uploads instead
 
 
@@ -55,6 +57,11 @@ class Payload:
                 "OSIMAGE_PAYLOAD_IMAGE": self.image,
                 "OSIMAGE_PAYLOAD_VERSION": self.version or "",
                 "OSIMAGE_PAYLOAD_RELEASE": self.release or ""}
+
+
+def _payload(ctx: BuildContext) -> Payload | None:
+    p: Payload | None = ctx.state.get(NAME)
+    return p
 
 
 def spec_of(image: config.Image) -> dict[str, Any] | None:
@@ -103,7 +110,7 @@ def step_resolve(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     if ctx.release is None:  # `render` only: check_options refuses a build without a release
         local = folder / STAND_IN
         local.touch()
-        ctx.payload = Payload(image=spec["image"], release=None, version=None, name=STAND_IN,
+        ctx.state[NAME] = Payload(image=spec["image"], release=None, version=None, name=STAND_IN,
                               mirror_path=None, size=0, sha256="0" * 64, local=local,
                               destination=spec["destination"], after=spec.get("after"))
         ctx.reporter.warn(f"no --release: the HCL uploads an empty stand-in for the "
@@ -118,7 +125,7 @@ def step_resolve(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                           f"and payload.reserve {spec.get('reserve', '1G')}: raise disk_size")
     local = folder / name
     local.touch()
-    ctx.payload = Payload(image=spec["image"], release=ctx.release, version=entry.version,
+    ctx.state[NAME] = Payload(image=spec["image"], release=ctx.release, version=entry.version,
                           name=name, mirror_path=disk.path, size=disk.size, sha256=disk.sha256,
                           local=local, destination=spec["destination"], after=spec.get("after"))
     ctx.reporter.info(f"    {spec['image']} {entry.version} of release {ctx.release}: {name}, "
@@ -134,7 +141,7 @@ def cache_dir() -> Path:
 def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     """The release's file from the mirror, its size and sha256 checked against the release
     before Packer may upload it."""
-    p: Payload | None = ctx.payload
+    p = _payload(ctx)
     if p is None:
         return
     assert p.mirror_path is not None, "a build has a release (check_options)"
@@ -152,10 +159,11 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                       f"{fetched.path})")
 
 
-def provisioners(ctx: BuildContext, provs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def provisioners(ctx: BuildContext, provs: list[dict[str, Any]],
+                 env: dict[str, str]) -> list[dict[str, Any]]:
     """The upload of the payload after the provisioner named in payload.after (or first), and
     OSIMAGE_PAYLOAD_* in the environment of every shell provisioner."""
-    p: Payload | None = ctx.payload
+    p = _payload(ctx)
     if p is None:
         return provs
     upload = {"name": "payload-upload", "type": "file", "source": str(p.local),
@@ -175,8 +183,38 @@ def provisioners(ctx: BuildContext, provs: list[dict[str, Any]]) -> list[dict[st
 
 def record(ctx: BuildContext) -> dict[str, Any] | None:
     """The build's manifest entry's `payload`: what was embedded, or None."""
-    p: Payload | None = ctx.payload
+    p = _payload(ctx)
     if p is None:
         return None
     return {"image": p.image, "release": p.release, "version": p.version,
             "file": p.name, "sha256": p.sha256}
+
+
+class Embedded(Feature):
+    name = NAME
+    recorded = True
+
+    def check_options(self, root: Path, opts: BuildOptions) -> BuildOptions:
+        if not opts.render_only:  # render without --release uploads a stand-in
+            check_options(root, opts.image, opts.release)
+        return opts
+
+    def steps(self, ctx: BuildContext) -> list[Step]:
+        if spec_of(ctx.image) is None:
+            return []
+        return [Step("resolve payload", step_resolve, at="after source"),
+                Step("fetch payload", step_fetch, at="before packer")]
+
+    def provisioners(self, ctx: BuildContext, provs: list[dict[str, Any]],
+                     env: dict[str, str]) -> list[dict[str, Any]]:
+        return provisioners(ctx, provs, env)
+
+    def record(self, ctx: BuildContext) -> Any:
+        return record(ctx)
+
+    def inputs(self, ctx: BuildContext) -> bytes:
+        p = _payload(ctx)
+        return p.sha256.encode() if p is not None else b""
+
+
+FEATURE = Embedded()

@@ -22,6 +22,7 @@ from osimage.publish.artifacts import Artifact
 from osimage.publish.mirror import open_mirror
 from osimage.release import commands as release
 from osimage.release import image_manifest as manifest
+from osimage.sizes import human
 from osimage.ui import Reporter
 
 PENDING = "publish.json"
@@ -83,12 +84,12 @@ def sent(mirror: object) -> str:
     stats = getattr(mirror, "stats", None)
     if stats is None:
         return ""
-    return (f" (sent {stats.bytes_sent / 2**20:.1f} MiB, resumed {stats.bytes_resumed / 2**20:.1f}"
-            f" MiB, {stats.files_already_there} file(s) already there)")
+    return (f" (sent {human(stats.bytes_sent)}, resumed {human(stats.bytes_resumed)}, "
+            f"{stats.files_already_there} file(s) already there)")
 
 
 def publish_kept(root: Path, image: str, version: str, site_file: Path | None, replace: bool,
-                 reporter: Reporter) -> list[str]:
+                 reporter: Reporter, accept_new_host_key: bool = False) -> list[str]:
     """./build.py publish IMAGE VERSION: publish the kept build and record it."""
     site = config.load_site(root, site_file)
     config.load_image(root, image)
@@ -117,7 +118,8 @@ def publish_kept(root: Path, image: str, version: str, site_file: Path | None, r
         with waiting_lock(Path(str(work_dir) + ".lock"), lambda: reporter.info(
                 f"    waiting for the build of {image} {version} ({work_dir}.lock)")):
             with reporter.step("publish to mirror"):
-                mirror = open_mirror(site.mirror_url, root, site.data["mirror"])
+                mirror = open_mirror(site.mirror_url, root, site.data["mirror"],
+                                     accept_new_host_key)
                 try:
                     paths = mirror.publish(arts, dest, replace)
                 except FactoryError as e:

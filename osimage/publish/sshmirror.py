@@ -28,7 +28,7 @@ import paramiko
 
 from osimage.errors import BuildError, ConfigError
 from osimage.publish.artifacts import Artifact
-from osimage.publish.mirror import SSHLocation
+from osimage.publish.mirrorurl import SSHLocation
 from osimage.publish.sshpublish import Progress, Publish, TransferStats, published
 from osimage.publish.sshpublish import reason as _reason
 
@@ -55,28 +55,16 @@ def describe_key(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {fingerprint(key)}"
 
 
-# Set by the command line's --accept-new-host-key alone: trusting a new mirror must be the
-# user's decision for this run, not something inherited from the environment of a shell or CI.
-_trust_new_host_keys = [False]
-
-
-def trust_new_host_keys(on: bool = True) -> None:
-    """--accept-new-host-key: SSH mirrors opened from now on add a host key not yet known."""
-    _trust_new_host_keys[0] = on
-
-
 class SSHMirror:
     """A Mirror (publish(artifacts, dest) -> paths) on a server reached over SSH."""
 
     def __init__(self, url: str, http_base: str, *, identity_file: Path | None = None,
-                 known_hosts: Path | None = None, accept_new_host_key: bool | None = None,
+                 known_hosts: Path | None = None, accept_new_host_key: bool = False,
                  check_free_space: bool = True, progress: Progress | None = None) -> None:
         self.location = SSHLocation.parse(url)
         self.http_base = http_base.rstrip("/")
         self.identity_file = identity_file
         self.known_hosts = known_hosts or Path("~/.ssh/known_hosts").expanduser()
-        if accept_new_host_key is None:
-            accept_new_host_key = _trust_new_host_keys[0]
         self.accept_new_host_key = accept_new_host_key
         self.check_free_space = check_free_space
         self.progress = progress
@@ -85,7 +73,8 @@ class SSHMirror:
         self._renamed = 0
 
     @classmethod
-    def from_settings(cls, url: str, settings: Mapping[str, Any], root: Path) -> SSHMirror:
+    def from_settings(cls, url: str, settings: Mapping[str, Any], root: Path,
+                      accept_new_host_key: bool = False) -> SSHMirror:
         """From the site file's mirror object; relative paths are relative to root."""
         http = settings.get("http")
         if not http:
@@ -100,7 +89,7 @@ class SSHMirror:
             return p if p.is_absolute() else root / p
 
         return cls(url, str(http), identity_file=path("identity_file"),
-                   known_hosts=path("known_hosts"))
+                   known_hosts=path("known_hosts"), accept_new_host_key=accept_new_host_key)
 
     def describe(self) -> str:
         return f"SSH mirror {self.location}{self.location.root}"

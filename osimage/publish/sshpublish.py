@@ -49,6 +49,7 @@ from osimage.errors import BuildError
 from osimage.publish.artifacts import Artifact, ThreadedHasher, parse_checksum_file
 from osimage.publish.mirrorlock import PublishLock, lock_path, refuse_replacing
 from osimage.runner import check_interrupted
+from osimage.sizes import human
 
 REQUEST_SIZE = 255 * 1024  # OpenSSH's sftp-server takes messages up to 256 KiB
 BLOCK = 4 * REQUEST_SIZE  # local reads: whole requests, big enough that hashlib drops the GIL
@@ -284,8 +285,8 @@ class Publish:
             needed = sum(item.size - item.offset for item in items if not item.skip)
             free = self._free_bytes(sftp, remote_dir)
             if free is not None and needed + DISK_FULL_SLACK > free:
-                raise BuildError(f"mirror disk full: {dest} needs {_mib(needed)}, "
-                                 f"{self.host}:{remote_dir} has {_mib(free)} free",
+                raise BuildError(f"mirror disk full: {dest} needs {human(needed)}, "
+                                 f"{self.host}:{remote_dir} has {human(free)} free",
                                  hint="free space on the mirror, then run again")
 
     def _in_place(self, sftp: paramiko.SFTPClient, item: _Item, final: paramiko.SFTPAttributes,
@@ -514,7 +515,3 @@ def reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e) or type(e).__name__
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"

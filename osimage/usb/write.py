@@ -75,8 +75,9 @@ def _expected_from_sidecar(path: Path) -> str | None:
     return parse_checksum_file(side.read_text(), path.name)
 
 
-def resolve_source(what: str, release_name: str | None, version: str | None,
-                   site_file: Path | None, say: Callable[[str], None]) -> Source:
+def resolve_source(root: Callable[[], Path], what: str, release_name: str | None,
+                   version: str | None, site_file: Path | None,
+                   say: Callable[[str], None]) -> Source:
     path = Path(what)
     if path.is_file():
         if release_name or version:
@@ -85,18 +86,16 @@ def resolve_source(what: str, release_name: str | None, version: str | None,
                       label=str(path))
     if "/" in what or what.endswith((".raw", ".img", ".iso")):
         raise ConfigError(f"{what}: no such file")
-    return _from_records(what, release_name, version, site_file, say)
+    return _from_records(root(), what, release_name, version, site_file, say)
 
 
-def _from_records(image: str, release_name: str | None, version: str | None,
+def _from_records(root: Path, image: str, release_name: str | None, version: str | None,
                   site_file: Path | None, say: Callable[[str], None]) -> Source:
     from osimage import config
-    from osimage.cli import project_root
     from osimage.features.payload import cache_dir
     from osimage.publish import download
     from osimage.release import commands as release
 
-    root = project_root()
     if release_name is not None:
         if version is not None:
             raise ConfigError("give --release or --version, not both")
@@ -314,10 +313,10 @@ def read_back(target: Path, size: int, on_progress: Callable[[int], None]) -> st
     return h.hexdigest()
 
 
-def run(what: str, device: str, release_name: str | None, version: str | None, yes: bool,
-        force: bool, site_file: Path | None, say: Callable[[str], None],
-        warn: Callable[[str], None]) -> str:
-    source = resolve_source(what, release_name, version, site_file, say)
+def run(root: Callable[[], Path], what: str, device: str, release_name: str | None,
+        version: str | None, yes: bool, force: bool, site_file: Path | None,
+        say: Callable[[str], None], warn: Callable[[str], None]) -> str:
+    source = resolve_source(root, what, release_name, version, site_file, say)
     dev = inspect_device(device)
     for problem in check(dev, source, force):
         warn(f"{problem} (--force)")

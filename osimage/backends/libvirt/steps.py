@@ -1,6 +1,6 @@
 """The build's steps for `backend: libvirt`: what the wrapper does around the Packer plugin.
 
-The qemu build's steps stay as they are; for libvirt, adapt() changes the list:
+Its steps (BACKEND.steps) join the core list (build/steps.py) at these places:
 
     libvirt preflight        before rendering: connect, pool, free space, network, Packer
     upload source to pool    the install ISO (or source disk), unless it is there already
@@ -22,7 +22,7 @@ import contextlib
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -35,15 +35,15 @@ from osimage.backends.libvirt import preflight
 from osimage.backends.libvirt import streams as libvirt_streams
 from osimage.backends.libvirt.preflight import Check
 from osimage.build import hclschema, packer, render
+from osimage.build import steps as core
 from osimage.build.context import BuildContext
+from osimage.build.feature import Step
 from osimage.config import display_path
 from osimage.errors import BuildError, ConfigError
 from osimage.fsutil import waiting_lock
 from osimage.netreason import reason as net_reason
 from osimage.publish import artifacts
 from osimage.sizes import human, parse_size
-
-Step = Callable[[BuildContext, contextlib.ExitStack], None]
 
 PACKER_MIN = "1.7.0"  # required_plugins and the plugin protocol (x5.0) of plugin 0.5.0
 ISO_TOOLS = ("xorriso", "mkisofs", "hdiutil", "oscdimg")  # what the plugin makes CDs with
@@ -120,10 +120,10 @@ def build_tag(ctx: BuildContext, build: LibvirtBuild) -> libvirt_clean.BuildTag:
 
 
 def state(ctx: BuildContext) -> LibvirtBuild:
-    if ctx.libvirt is None:
-        ctx.libvirt = LibvirtBuild(settings=Settings.from_site(ctx.site, ctx.root),
-                                   domain=domain_name(ctx))
-    build: LibvirtBuild = ctx.libvirt
+    build: LibvirtBuild | None = ctx.state.get("libvirt")
+    if build is None:
+        build = ctx.state["libvirt"] = LibvirtBuild(
+            settings=Settings.from_site(ctx.site, ctx.root), domain=domain_name(ctx))
     return build
 
 
@@ -431,23 +431,18 @@ def libvirt_variables(ctx: BuildContext, build: LibvirtBuild,
 
 
 def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    from osimage.build import pipeline
-
     build = state(ctx)
     ctx.accelerator = build.settings.domain_type
-    base = pipeline.template_variables(ctx)
+    base = core.template_variables(ctx)
     variables = {**base, **libvirt_variables(ctx, build, base)}
     text = render.render(ctx.root / "templates", "libvirt.pkr.hcl.j2", variables)
     hcl = ctx.work_dir / f"{ctx.image.name}.pkr.hcl"
-    hcl.write_text(text)
-    ctx.hcl_file = hcl
-    shutil.rmtree(ctx.output_dir, ignore_errors=True)
-    ctx.packer_manifest.unlink(missing_ok=True)
+    core.fresh_output(ctx, hcl, text)
     shown = display_path(hcl, ctx.root)
     parsed = hclschema.check_text(text, shown)
     if not render.sources_of(parsed):
         raise BuildError(f"{hcl}: the rendered HCL has no source block")
-    ctx.inputs_sha256 = pipeline.inputs_hash(ctx)
+    ctx.inputs_sha256 = core.inputs_hash(ctx)
     plugin = hclschema.plugin_info()
     note = _validate_with_packer(ctx, build, hcl)
     ctx.reporter.info(f"    rendered {shown}: checked against the fields of {plugin['source']} "
@@ -518,26 +513,19 @@ def _volume_format(vol: Any) -> str | None:
     return node.get("type") if node is not None else None
 
 
-def adapt(steps: list[tuple[str, Step]], *, render_step: Step, packer_step: Step,
-          checksums_step: Step) -> list[tuple[str, Step]]:
-    """The libvirt version of the build's steps (see the module docstring)."""
-    runs_packer = any(s is packer_step for _, s in steps)
-    # The download hashes the artifact in the same pass: it takes the place of the hashing
-    # step, and a build that hashes no disk (--create-patches) downloads none.
-    wants_disk = any(s is checksums_step for _, s in steps)
-    out: list[tuple[str, Step]] = []
-    for name, step in steps:
-        if step is render_step:
-            if runs_packer:
-                out += [("libvirt preflight", step_preflight),
-                        ("upload source to pool", step_upload)]
-            out.append((name, step_render))
-        elif step is checksums_step:
-            continue
-        else:
-            if step is packer_step:
-                out.append(("tag build on hypervisor", step_tag))
-            out.append((name, step))
-            if step is packer_step and wants_disk:
-                out.append(("download artifact volume", step_download))
-    return out
+class Libvirt:
+    name = "libvirt"
+    steps = (
+        # only where Packer runs: ./build.py render needs no hypervisor
+        Step("libvirt preflight", step_preflight, at="before render", needs_vm=True),
+        Step("upload source to pool", step_upload, at="before render", needs_vm=True),
+        Step("render and validate HCL", step_render, slot="render"),
+        Step("tag build on hypervisor", step_tag, at="before packer"),
+        # hashed in the same pass as it is downloaded: it fills the hashing slot, so a build
+        # that hashes no disk (--create-patches) downloads none
+        Step("download artifact volume", step_download, slot="artifacts"),
+    )
+    artifact_in_output_dir = False  # the plugin leaves the disk as a pool volume
+
+
+BACKEND = Libvirt()
