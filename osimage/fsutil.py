@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO
 
 from osimage.errors import BuildError
+from osimage.netreason import os_reason
 
 
 def fsync_dir(directory: Path) -> None:
@@ -69,7 +70,7 @@ def waiting_lock(path: Path, waiting: Callable[[], None] = lambda: None,
                     lock.acquire(timeout=0.5)
                     break
     except OSError as e:  # not held by anyone: it cannot be made (a folder, no permission)
-        raise BuildError(f"cannot take the lock {path}: {e.strerror or e}",
+        raise BuildError(f"cannot take the lock {path}: {os_reason(e)}",
                          hint="check that path and its folder's permissions") from None
     try:
         yield

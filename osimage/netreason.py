@@ -59,6 +59,14 @@ def http_status(code: int, phrase: str | None = None) -> str:
     return f"HTTP {code} {phrase}".rstrip() if phrase else f"HTTP {code}"
 
 
+def os_reason(e: BaseException) -> str:
+    """The system's own words for a failed file or SFTP operation ('No space left on
+    device'), else the exception's text, else its class name."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
 def reason(e: BaseException) -> str:
     """A short lower-case cause of a failed request, for '...: cannot get URL: REASON'."""
     chain = list(_chain(e))

@@ -23,8 +23,8 @@ from typing import IO, Any
 
 import pytest
 
+from osimage.backends.libvirt import clean, native
 from osimage.backends.libvirt import hypervisor as lv
-from osimage.backends.libvirt import native
 from osimage.backends.libvirt import streams as libvirt_streams
 from osimage.backends.libvirt.native import Keys, Wait, parse_boot_command
 from osimage.errors import BuildError, ConfigError
@@ -121,7 +121,7 @@ def test_domain_xml_tcg_tag_key_and_escaping() -> None:
                              authorized_key="ssh-ed25519 AAAAC3Nz osimage-build-1\n")
     root = ET.fromstring(native.domain_xml(spec))
     assert root.get("type") == "qemu"  # TCG
-    build = root.find(f"metadata/{{{native.TAG_NAMESPACE}}}build")
+    build = root.find(f"metadata/{{{clean.TAG_NAMESPACE}}}build")
     assert build is not None
     assert (build.get("run"), build.get("image"), build.get("domain")) == (
         "r<1>", "x&y", "packer-osimage-x-1")
@@ -256,9 +256,9 @@ def test_smoke_guest_on_nat_network_provisioned_by_packer_null(
             times.update(vm.timings)
             backing = ET.fromstring(vm.overlay.XMLDesc(0)).find("backingStore/path")
             assert backing is not None and backing.text == source.path()
-            tag = native.read_tag(vm.dom)
-            assert tag == {"run": spec.run, "image": "smoke", "pool": env.pool,
-                           "domain": spec.name, "volumes": [spec.disk]}
+            # the tag `./build.py clean` reads: the one libvirt_clean writes and checks
+            assert clean.domain_tag(vm.dom) == spec.tag
+            assert spec.tag.volumes == (spec.disk,) and spec.tag.pool == env.pool
             assert "<domain type='qemu'" in vm.dom.XMLDesc(0)
             t0 = time.monotonic()
             addr = native.wait_for_address(vm.dom, "lease", timeout=120)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from osimage.errors import BuildError
 from osimage.fsutil import fsync_dir
+from osimage.netreason import os_reason
 from osimage.publish.artifacts import Artifact, hash_file
 from osimage.publish.mirrorlock import LocalLockFiles, PublishLock, lock_path, refuse_replacing
 from osimage.publish.mirrorurl import local_path, url_scheme
@@ -47,12 +48,46 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:12]}")
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What the mirror holds at a path: size and sha256, or why it could not tell."""
+
+    size: int | None = None
+    sha256: str | None = None
+    problem: str | None = None
+
+    def mismatch(self, expected: Any) -> str | None:
+        """What differs from a release's FileEntry (a size below 0: not recorded)."""
+        if self.problem is not None:
+            return self.problem
+        if expected.size >= 0 and expected.size != self.size:
+            return f"size {self.size} on the mirror, {expected.size} recorded"
+        if self.sha256 is not None and self.sha256 != expected.sha256:
+            return f"sha256 {self.sha256[:12]}... on the mirror, {expected.sha256[:12]}... recorded"
+        return None
+
+
 @dataclass
 class LocalMirror:
+    """A mirror in a local folder: published to, and read back by `release verify`."""
+
     root: Path
 
     def describe(self) -> str:
         return f"local mirror {self.root}"
+
+    def measure(self, path: str, size: int | None = None) -> Measured:
+        target = self.root / path
+        try:
+            stored = target.stat().st_size
+            if size is not None and size >= 0 and stored != size:
+                return Measured(size=stored)
+            got, digest = hash_file(target)
+        except FileNotFoundError:
+            return Measured(problem="missing on the mirror")
+        except OSError as e:
+            return Measured(problem=f"cannot read: {e.strerror}")
+        return Measured(size=got, sha256=digest)
 
     def ensure_layout(self) -> None:
         for sub in LAYOUT:
@@ -102,7 +137,7 @@ class LocalMirror:
                 os.replace(tmp, final)
             fsync_dir(target)
         except OSError as e:
-            raise BuildError(f"{self.describe()}: publishing to {dest} failed: {e.strerror or e}",
+            raise BuildError(f"{self.describe()}: publishing to {dest} failed: {os_reason(e)}",
                              hint="check the free space and permissions of the mirror") from None
         finally:
             for tmp, _ in staged:

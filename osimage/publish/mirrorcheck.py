@@ -84,7 +84,7 @@ def _check_local(mirror: LocalMirror, dest: str, expected: Expected | None) -> s
         os.unlink(probe)
     except OSError as e:
         raise BuildError(f"{mirror.describe()}: cannot write to {folder}: "
-                         f"{(e.strerror or str(e)).lower()}",
+                         f"{netreason.os_reason(e).lower()}",
                          hint=f"the user building ({_whoami()}) needs write access there"
                          ) from None
     room = _room(str(folder), dest, shutil.disk_usage(folder).free, expected)
@@ -182,7 +182,7 @@ def _write_probe(mirror: SSHMirror, sftp: paramiko.SFTPClient, probe: str, folde
             f.write(token.encode())
     except OSError as e:
         # OpenSSH's sftp-server answers EROFS and the like with a bare "Failure"
-        reason = e.strerror or str(e) or type(e).__name__
+        reason = netreason.os_reason(e)
         raise BuildError(f"mirror {loc}: cannot write to {folder}: {reason.lower()}",
                          hint=f"{loc.user} needs write access to {folder} on the mirror (and "
                               "a file system mounted read-write)") from None

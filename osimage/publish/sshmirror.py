@@ -27,10 +27,10 @@ from typing import Any
 import paramiko
 
 from osimage.errors import BuildError, ConfigError
+from osimage.netreason import os_reason
 from osimage.publish.artifacts import Artifact
 from osimage.publish.mirrorurl import SSHLocation
 from osimage.publish.sshpublish import Progress, Publish, TransferStats, published
-from osimage.publish.sshpublish import reason as _reason
 
 # aes128-gcm is the fastest cipher paramiko speaks (AES-NI, no separate MAC); the others are
 # fallbacks for servers without it.
@@ -108,7 +108,7 @@ class SSHMirror:
             raise BuildError(f"mirror {loc} unreachable: no answer within "
                              f"{CONNECT_TIMEOUT:.0f} s") from None
         except OSError as e:
-            raise BuildError(f"mirror {loc} unreachable: {e.strerror or e}",
+            raise BuildError(f"mirror {loc} unreachable: {os_reason(e)}",
                              hint="check that the mirror is up and sshd listens there") from None
         transport = paramiko.Transport(sock, default_window_size=WINDOW)
         try:
@@ -118,7 +118,7 @@ class SSHMirror:
             try:
                 transport.start_client(timeout=CONNECT_TIMEOUT)
             except (paramiko.SSHException, EOFError, OSError) as e:
-                raise BuildError(f"mirror {loc}: SSH handshake failed: {_reason(e)}") from None
+                raise BuildError(f"mirror {loc}: SSH handshake failed: {os_reason(e)}") from None
             self._check_host_key(transport.get_remote_server_key())
             self._authenticate(transport)
             transport.set_keepalive(15)
@@ -126,7 +126,7 @@ class SSHMirror:
             try:
                 sftp = paramiko.SFTPClient.from_transport(transport, window_size=WINDOW)
             except (paramiko.SSHException, EOFError, OSError) as e:
-                raise BuildError(f"mirror {loc}: no SFTP service: {_reason(e)}",
+                raise BuildError(f"mirror {loc}: no SFTP service: {os_reason(e)}",
                                  hint="the mirror's sshd needs `Subsystem sftp`") from None
             if sftp is None:
                 raise BuildError(f"mirror {loc}: no SFTP service")
@@ -151,7 +151,7 @@ class SSHMirror:
             try:
                 text = path.read_text(errors="replace")
             except OSError as e:
-                raise BuildError(f"{path}: cannot read known hosts: {_reason(e)}") from None
+                raise BuildError(f"{path}: cannot read known hosts: {os_reason(e)}") from None
             for number, line in enumerate(text.splitlines(), 1):
                 entry = _known_hosts_line(line, f"{path}:{number}")
                 if entry is None:
@@ -210,7 +210,7 @@ class SSHMirror:
                 f.write(line)
         except OSError as e:
             raise BuildError(f"{self.known_hosts}: cannot add the mirror's host key: "
-                             f"{_reason(e)}") from None
+                             f"{os_reason(e)}") from None
 
     def _authenticate(self, transport: paramiko.Transport) -> None:
         loc = self.location
@@ -228,7 +228,7 @@ class SSHMirror:
                 return False
             except (paramiko.SSHException, EOFError, OSError) as e:
                 raise BuildError(f"mirror {loc}: connection lost while authenticating: "
-                                 f"{_reason(e)}") from None
+                                 f"{os_reason(e)}") from None
             return transport.is_authenticated()
 
         locked: list[Path] = []  # passphrase-protected key files the agent could not stand in for
@@ -292,7 +292,7 @@ class SSHMirror:
         except FileNotFoundError:
             raise BuildError(f"mirror.identity_file {path} does not exist") from None
         except OSError as e:
-            raise BuildError(f"mirror.identity_file {path}: cannot read it: {_reason(e)}"
+            raise BuildError(f"mirror.identity_file {path}: cannot read it: {os_reason(e)}"
                              ) from None
         if head.startswith((b"ssh-", b"ecdsa-", b"sk-", b"---- BEGIN SSH2 PUBLIC KEY")):
             private = path.with_suffix("") if path.suffix == ".pub" else None
@@ -305,7 +305,7 @@ class SSHMirror:
             if _passphrase_protected(e):
                 return None
             raise BuildError(f"mirror.identity_file {path}: not a usable private key: "
-                             f"{_reason(e).split('. See ')[0]}") from None
+                             f"{os_reason(e).split('. See ')[0]}") from None
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -325,7 +325,7 @@ class SSHMirror:
                 return published(sftp, self.location.root, dest)
             except (OSError, EOFError, paramiko.SSHException) as e:
                 raise BuildError(f"mirror {self.location}: cannot list {dest}: "
-                                 f"{_reason(e)}") from None
+                                 f"{os_reason(e)}") from None
 
 
 def _passphrase_protected(e: BaseException) -> bool:

@@ -46,6 +46,7 @@ from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_WRITE, int64
 
 from osimage import netreason
 from osimage.errors import BuildError
+from osimage.netreason import os_reason
 from osimage.publish.artifacts import Artifact, ThreadedHasher, parse_checksum_file
 from osimage.publish.mirrorlock import PublishLock, lock_path, refuse_replacing
 from osimage.runner import check_interrupted
@@ -379,10 +380,10 @@ class Publish:
                               hint="free space on the mirror, then run again")
         if write_refused:
             return BuildError(f"mirror {self.where}: the mirror refused a write while "
-                              f"{self._phase} ({reason(e)}: over quota, or a disk error); "
+                              f"{self._phase} ({os_reason(e)}: over quota, or a disk error); "
                               f"{self._outcome()}",
                               hint="check the quota and the disk of the mirror, then run again")
-        return BuildError(f"mirror {self.where}: {self._phase} failed: {reason(e)}; "
+        return BuildError(f"mirror {self.where}: {self._phase} failed: {os_reason(e)}; "
                           f"{self._outcome()}")
 
     def _outcome(self) -> str:
@@ -430,7 +431,7 @@ class Publish:
                         mode = sftp.stat(current).st_mode or 0
                     except FileNotFoundError:
                         raise BuildError(
-                            f"mirror {self.where}: cannot create {current}: {reason(e)}",
+                            f"mirror {self.where}: cannot create {current}: {os_reason(e)}",
                             hint=f"the SSH user needs write access to "
                                  f"{posixpath.dirname(current)} on the mirror") from None
             if not stat.S_ISDIR(mode):
@@ -509,9 +510,3 @@ def _clean_dest(dest: str) -> str:
     if not dest or clean.startswith("..") or clean == "." or posixpath.isabs(clean):
         raise BuildError(f"mirror: bad destination {dest!r}")
     return clean
-
-
-def reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e) or type(e).__name__

@@ -19,7 +19,8 @@ from urllib.parse import quote
 from osimage import config, netreason
 from osimage.build.gitstate import RELEASE
 from osimage.errors import ConfigError
-from osimage.publish.artifacts import CHUNK, ThreadedHasher, hash_file
+from osimage.publish.artifacts import CHUNK, ThreadedHasher
+from osimage.publish.mirror import LocalMirror, Measured
 from osimage.release import image_manifest as manifest
 from osimage.release.manifest import (
     EMPTY,
@@ -64,24 +65,6 @@ __all__ = [
 
 
 # --- the mirror --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Measured:
-    """What the mirror holds at a path: size and sha256, or why it could not tell."""
-
-    size: int | None = None
-    sha256: str | None = None
-    problem: str | None = None
-
-    def mismatch(self, expected: FileEntry) -> str | None:
-        if self.problem is not None:
-            return self.problem
-        if expected.size not in (UNKNOWN_SIZE, self.size):
-            return f"size {self.size} on the mirror, {expected.size} recorded"
-        if self.sha256 is not None and self.sha256 != expected.sha256:
-            return f"sha256 {self.sha256[:12]}... on the mirror, {expected.sha256[:12]}... recorded"
-        return None
 
 
 class MirrorReader(Protocol):
@@ -134,27 +117,6 @@ class HttpMirror:
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             raise ReleaseError(f"{self.describe()}: reading {path} failed: "
                                f"{netreason.reason(e)}") from None
-
-
-@dataclass
-class LocalMirror:
-    root: Path
-
-    def describe(self) -> str:
-        return f"local mirror {self.root}"
-
-    def measure(self, path: str, size: int | None = None) -> Measured:
-        target = self.root / path
-        try:
-            stored = target.stat().st_size
-            if size not in (None, UNKNOWN_SIZE) and stored != size:
-                return Measured(size=stored)
-            got, digest = hash_file(target)
-        except FileNotFoundError:
-            return Measured(problem="missing on the mirror")
-        except OSError as e:
-            return Measured(problem=f"cannot read: {e.strerror}")
-        return Measured(size=got, sha256=digest)
 
 
 def open_reader(root: Path, site_file: Path | None, mirror_url: str | None) -> MirrorReader:

@@ -16,11 +16,11 @@ from typing import Any
 
 from osimage.errors import ConfigError
 from osimage.features.patches import PATCH_DIR, SUFFIX
+from osimage.publish.mirror import LocalMirror
 from osimage.release import commands as release
 from osimage.release.commands import (
     SHA256,
     HttpMirror,
-    LocalMirror,
     MirrorReader,
     ReleaseError,
 )

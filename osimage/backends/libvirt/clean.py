@@ -65,10 +65,14 @@ class BuildTag:
                            "pool": self.pool, "domain": self.domain,
                            "volumes": list(self.volumes)}, indent=1).encode() + b"\n"
 
-    def metadata_xml(self) -> str:
-        vols = "".join(f"<volume name={quoteattr(v)}/>" for v in self.volumes)
-        return (f"<build run={quoteattr(self.run)} image={quoteattr(self.image)} "
-                f"pool={quoteattr(self.pool)} domain={quoteattr(self.domain)}>{vols}</build>")
+    def metadata_xml(self, namespaced: bool = False) -> str:
+        """The domain's <metadata> element: as setMetadata takes it, or with its namespace
+        declared (namespaced) for a domain XML that carries it from the start."""
+        p = f"{TAG_KEY}:" if namespaced else ""
+        ns = f" xmlns:{TAG_KEY}={quoteattr(TAG_NAMESPACE)}" if namespaced else ""
+        vols = "".join(f"<{p}volume name={quoteattr(v)}/>" for v in self.volumes)
+        return (f"<{p}build{ns} run={quoteattr(self.run)} image={quoteattr(self.image)} "
+                f"pool={quoteattr(self.pool)} domain={quoteattr(self.domain)}>{vols}</{p}build>")
 
     @classmethod
     def checked(cls, run: Any, image: Any, pool: Any, domain: Any,

@@ -28,13 +28,10 @@ from typing import Any, Self
 from xml.sax.saxutils import escape, quoteattr
 
 from osimage.backends.libvirt import hypervisor as lv
+from osimage.backends.libvirt.clean import BuildTag
 from osimage.errors import BuildError, ConfigError
 from osimage.runner import check_interrupted
 
-# The tag `./build.py clean` selects by (libvirt_clean.py: TAG_NAMESPACE, TAG_KEY and
-# BuildTag.metadata_xml()); the same namespace URI, prefix and element.
-TAG_NAMESPACE = "https://osimage.invalid/libvirt/build/1"
-TAG_KEY = "osimage"
 FW_CFG_KEY = "opt/osimage/authorized_keys"
 
 # --- boot_command ----------------------------------------------------------------------------
@@ -294,13 +291,11 @@ class DomainSpec:
     serial_log: str | None = None
     extra_devices: str = field(default="", repr=False)
 
-
-def tag_xml(spec: DomainSpec) -> str:
-    vols = "".join(f"<{TAG_KEY}:volume name={quoteattr(v)}/>" for v in spec.volumes)
-    return (f"<{TAG_KEY}:build xmlns:{TAG_KEY}={quoteattr(TAG_NAMESPACE)} "
-            f"run={quoteattr(spec.run)} image={quoteattr(spec.image)} "
-            f"pool={quoteattr(spec.pool)} domain={quoteattr(spec.name)}>{vols}"
-            f"</{TAG_KEY}:build>")
+    @property
+    def tag(self) -> BuildTag:
+        """What `./build.py clean` selects the build's domain and volumes by (clean.py)."""
+        return BuildTag(run=self.run, image=self.image, pool=self.pool, domain=self.name,
+                        volumes=self.volumes)
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -330,7 +325,7 @@ def domain_xml(spec: DomainSpec) -> str:
                   f"<target dev='sd{chr(97 + i)}' bus='sata'/><readonly/></disk>")
     log = f"<log file={quoteattr(spec.serial_log)}/>" if spec.serial_log else ""
     return (f"<domain type='{dtype}'><name>{escape(spec.name)}</name>"
-            f"<metadata>{tag_xml(spec)}</metadata>"
+            f"<metadata>{spec.tag.metadata_xml(namespaced=True)}</metadata>"
             f"<memory unit='MiB'>{spec.memory_mib}</memory><vcpu>{spec.cpus}</vcpu>{fwcfg}"
             f"<os><type arch='x86_64' machine='pc'>hvm</type>{boot}</os>"
             f"<features><acpi/><apic/></features>"
@@ -343,19 +338,6 @@ def domain_xml(spec: DomainSpec) -> str:
             f"<console type='pty'><target type='serial' port='0'/></console>"
             f"<graphics type='vnc' listen='127.0.0.1' autoport='yes'/>"
             f"{spec.extra_devices}</devices></domain>")
-
-
-def read_tag(dom: Any) -> dict[str, Any] | None:
-    """The osimage tag of a domain as written by tag_xml (attributes, and 'volumes')."""
-    libvirt = lv.libvirt_module()
-    try:
-        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, TAG_NAMESPACE, 0)
-    except libvirt.libvirtError:
-        return None
-    root = ET.fromstring(text)  # noqa: S314 - libvirt's own XML
-    tag: dict[str, Any] = dict(root.attrib)
-    tag["volumes"] = [v.get("name") for v in root if v.tag.endswith("volume")]
-    return tag
 
 
 # --- stopping --------------------------------------------------------------------------------
