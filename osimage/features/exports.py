@@ -94,34 +94,7 @@ def rootfs_path(ctx: BuildContext) -> Path:
     return out_dir(ctx) / f"{ctx.image.name}-rootfs.tar"
 
 
-def record(ctx: BuildContext) -> dict[str, Any] | None:
-    """The manifest entry's `exports`: kinds of the files, the pushed OCI reference."""
-    state: Exports | None = ctx.state.get(NAME)
-    return state.record(ctx.artifacts) if state is not None else None
-
-
 # --- in the VM: the rootfs provisioner, after all the image's own ----------------------------
-
-
-def provisioners(ctx: BuildContext, provs: list[dict[str, Any]],
-                 env: dict[str, str]) -> list[dict[str, Any]]:
-    if not wanted(ctx):
-        return provs
-    rootfs = spec(ctx)["rootfs"]
-    in_vm = rootfs.get("path", DEFAULT_ROOTFS_PATH)
-    local = rootfs_path(ctx)
-    shutil.rmtree(out_dir(ctx), ignore_errors=True)
-    # Packer writes a download into an existing file without truncating it: start empty.
-    local.parent.mkdir(parents=True)
-    env = {"OSIMAGE_IMAGE": ctx.image.name, "OSIMAGE_VERSION": ctx.version,
-           "OSIMAGE_COMMIT": ctx.git.commit, "OSIMAGE_ROOTFS_OUTPUT": in_vm,
-           "SOURCE_DATE_EPOCH": source_date_epoch(ctx)}
-    return [*provs,
-            {"name": "export-rootfs", "type": "shell",
-             "script": str(ctx.image.directory / rootfs["script"]),
-             "env_list": [f"{k}={v}" for k, v in sorted(env.items())]},
-            {"name": "download-rootfs", "type": "file", "direction": "download",
-             "source": in_vm, "destination": str(local)}]
 
 
 def check_config(ctx: BuildContext) -> None:
@@ -355,10 +328,28 @@ class DisklessExports(Feature):
 
     def provisioners(self, ctx: BuildContext, provs: list[dict[str, Any]],
                      env: dict[str, str]) -> list[dict[str, Any]]:
-        return provisioners(ctx, provs, env)
+        if not wanted(ctx):
+            return provs
+        rootfs = spec(ctx)["rootfs"]
+        in_vm = rootfs.get("path", DEFAULT_ROOTFS_PATH)
+        local = rootfs_path(ctx)
+        shutil.rmtree(out_dir(ctx), ignore_errors=True)
+        # Packer writes a download into an existing file without truncating it: start empty.
+        local.parent.mkdir(parents=True)
+        env = {"OSIMAGE_IMAGE": ctx.image.name, "OSIMAGE_VERSION": ctx.version,
+               "OSIMAGE_COMMIT": ctx.git.commit, "OSIMAGE_ROOTFS_OUTPUT": in_vm,
+               "SOURCE_DATE_EPOCH": source_date_epoch(ctx)}
+        return [*provs,
+                {"name": "export-rootfs", "type": "shell",
+                 "script": str(ctx.image.directory / rootfs["script"]),
+                 "env_list": [f"{k}={v}" for k, v in sorted(env.items())]},
+                {"name": "download-rootfs", "type": "file", "direction": "download",
+                 "source": in_vm, "destination": str(local)}]
 
-    def record(self, ctx: BuildContext) -> Any:
-        return record(ctx)
+    def record(self, ctx: BuildContext) -> dict[str, Any] | None:
+        """The manifest entry's `exports`: kinds of the files, the pushed OCI reference."""
+        state: Exports | None = ctx.state.get(NAME)
+        return state.record(ctx.artifacts) if state is not None else None
 
 
 FEATURE = DisklessExports()

@@ -226,12 +226,6 @@ def _summary(p: patchindex.PatchSet) -> str:
             f"{len(p.packages)} package{'' if len(p.packages) == 1 else 's'}")
 
 
-def record(ctx: BuildContext) -> dict[str, str] | None:
-    """The build's manifest entry's `patches`: the applied tarball's name and sha256, or None."""
-    applied = _applied(ctx)
-    return applied.record() if applied is not None else None
-
-
 # --- the Packer steps ------------------------------------------------------------------------
 
 
@@ -242,45 +236,6 @@ def created_path(ctx: BuildContext) -> Path:
 
 def _env_list(env: dict[str, str]) -> list[str]:
     return [f"{k}={v}" for k, v in sorted(env.items())]
-
-
-def provisioners(ctx: BuildContext, provs: list[dict[str, Any]],
-                 env: dict[str, str]) -> list[dict[str, Any]]:
-    """The image's provisioners with the patch steps: upload + apply first (--release with a
-    tarball), or create + download last (--create-patches)."""
-    spec = _spec(ctx.image)
-    applied = _applied(ctx)
-    if applied is not None:
-        apply = spec["apply"]
-        dest = apply.get("destination", DEFAULT_DESTINATION)
-        merged = {**env, **apply.get("environment", {}), "OSIMAGE_PATCHES": dest,
-                  "OSIMAGE_PATCHES_NAME": applied.name,
-                  "OSIMAGE_PATCHES_SHA256": applied.sha256,
-                  "OSIMAGE_PATCHES_REPACK_SHA256": applied.repacked_sha256}
-        return [{"name": "patches-upload", "type": "file", "source": str(applied.path),
-                 "destination": dest},
-                {"name": "patches-apply", "type": "shell",
-                 "script": str(ctx.image.directory / apply["script"]),
-                 "env_list": _env_list(merged)},
-                *provs]
-    if ctx.create_patches:
-        create = spec["create"]
-        # Packer writes a download into an existing file without truncating it.
-        created_path(ctx).unlink(missing_ok=True)
-        merged = {**env, **create.get("environment", {}),
-                  "OSIMAGE_PATCHES_OUTPUT": create["output"]}
-        steps = [{"name": "patches-create", "type": "shell",
-                  "script": str(ctx.image.directory / create["script"]),
-                  "env_list": _env_list(merged)},
-                 {"name": "patches-download", "type": "file", "direction": "download",
-                  "source": create["output"], "destination": str(created_path(ctx))}]
-        at = len(provs)
-        if "before" in create:  # e.g. before a cleanup that removes the build's key
-            at = next(i for i, p in enumerate(provs) if p.get("name") == create["before"])
-            while at and provs[at - 1].get("name") == f"break-before-{create['before']}":
-                at -= 1
-        return [*provs[:at], *steps, *provs[at:]]
-    return provs
 
 
 # --- --create-patches: check, index and publish the created tarball ---------------------------
@@ -372,10 +327,46 @@ class Patches(Feature):
 
     def provisioners(self, ctx: BuildContext, provs: list[dict[str, Any]],
                      env: dict[str, str]) -> list[dict[str, Any]]:
-        return provisioners(ctx, provs, env)
+        """The image's provisioners with the patch steps: upload + apply first (--release
+        with a tarball), or create + download last (--create-patches)."""
+        spec = _spec(ctx.image)
+        applied = _applied(ctx)
+        if applied is not None:
+            apply = spec["apply"]
+            dest = apply.get("destination", DEFAULT_DESTINATION)
+            merged = {**env, **apply.get("environment", {}), "OSIMAGE_PATCHES": dest,
+                      "OSIMAGE_PATCHES_NAME": applied.name,
+                      "OSIMAGE_PATCHES_SHA256": applied.sha256,
+                      "OSIMAGE_PATCHES_REPACK_SHA256": applied.repacked_sha256}
+            return [{"name": "patches-upload", "type": "file", "source": str(applied.path),
+                     "destination": dest},
+                    {"name": "patches-apply", "type": "shell",
+                     "script": str(ctx.image.directory / apply["script"]),
+                     "env_list": _env_list(merged)},
+                    *provs]
+        if ctx.create_patches:
+            create = spec["create"]
+            # Packer writes a download into an existing file without truncating it.
+            created_path(ctx).unlink(missing_ok=True)
+            merged = {**env, **create.get("environment", {}),
+                      "OSIMAGE_PATCHES_OUTPUT": create["output"]}
+            steps = [{"name": "patches-create", "type": "shell",
+                      "script": str(ctx.image.directory / create["script"]),
+                      "env_list": _env_list(merged)},
+                     {"name": "patches-download", "type": "file", "direction": "download",
+                      "source": create["output"], "destination": str(created_path(ctx))}]
+            at = len(provs)
+            if "before" in create:  # e.g. before a cleanup that removes the build's key
+                at = next(i for i, p in enumerate(provs) if p.get("name") == create["before"])
+                while at and provs[at - 1].get("name") == f"break-before-{create['before']}":
+                    at -= 1
+            return [*provs[:at], *steps, *provs[at:]]
+        return provs
 
-    def record(self, ctx: BuildContext) -> Any:
-        return record(ctx)
+    def record(self, ctx: BuildContext) -> dict[str, str] | None:
+        """The manifest entry's `patches`: the applied tarball's name and sha256, or None."""
+        applied = _applied(ctx)
+        return applied.record() if applied is not None else None
 
     def inputs(self, ctx: BuildContext) -> bytes:
         applied = _applied(ctx)

@@ -159,37 +159,6 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                       f"{fetched.path})")
 
 
-def provisioners(ctx: BuildContext, provs: list[dict[str, Any]],
-                 env: dict[str, str]) -> list[dict[str, Any]]:
-    """The upload of the payload after the provisioner named in payload.after (or first), and
-    OSIMAGE_PAYLOAD_* in the environment of every shell provisioner."""
-    p = _payload(ctx)
-    if p is None:
-        return provs
-    upload = {"name": "payload-upload", "type": "file", "source": str(p.local),
-              "destination": f"{p.destination.rstrip('/')}/{p.name}"}
-    extra = [f"{k}={v}" for k, v in sorted(p.env.items())]
-    out: list[dict[str, Any]] = [] if p.after is not None else [upload]
-    for prov in provs:
-        shell = prov.get("type") == "shell"
-        out.append({**prov, "env_list": [*prov.get("env_list", []), *extra]} if shell else prov)
-        if p.after is not None and prov.get("name") == p.after:
-            out.append(upload)
-    if p.after is not None and upload not in out:
-        raise ConfigError(f"images/{ctx.image.name}/image.yaml: payload.after: no provisioner "
-                          f"named {p.after!r}")
-    return out
-
-
-def record(ctx: BuildContext) -> dict[str, Any] | None:
-    """The build's manifest entry's `payload`: what was embedded, or None."""
-    p = _payload(ctx)
-    if p is None:
-        return None
-    return {"image": p.image, "release": p.release, "version": p.version,
-            "file": p.name, "sha256": p.sha256}
-
-
 class Embedded(Feature):
     name = NAME
     recorded = True
@@ -207,10 +176,32 @@ class Embedded(Feature):
 
     def provisioners(self, ctx: BuildContext, provs: list[dict[str, Any]],
                      env: dict[str, str]) -> list[dict[str, Any]]:
-        return provisioners(ctx, provs, env)
+        """The upload of the payload after the provisioner named in payload.after (or first), and
+        OSIMAGE_PAYLOAD_* in the environment of every shell provisioner."""
+        p = _payload(ctx)
+        if p is None:
+            return provs
+        upload = {"name": "payload-upload", "type": "file", "source": str(p.local),
+                  "destination": f"{p.destination.rstrip('/')}/{p.name}"}
+        extra = [f"{k}={v}" for k, v in sorted(p.env.items())]
+        out: list[dict[str, Any]] = [] if p.after is not None else [upload]
+        for prov in provs:
+            shell = prov.get("type") == "shell"
+            out.append({**prov, "env_list": [*prov.get("env_list", []), *extra]} if shell else prov)
+            if p.after is not None and prov.get("name") == p.after:
+                out.append(upload)
+        if p.after is not None and upload not in out:
+            raise ConfigError(f"images/{ctx.image.name}/image.yaml: payload.after: no provisioner "
+                              f"named {p.after!r}")
+        return out
 
-    def record(self, ctx: BuildContext) -> Any:
-        return record(ctx)
+    def record(self, ctx: BuildContext) -> dict[str, Any] | None:
+        """The build's manifest entry's `payload`: what was embedded, or None."""
+        p = _payload(ctx)
+        if p is None:
+            return None
+        return {"image": p.image, "release": p.release, "version": p.version,
+                "file": p.name, "sha256": p.sha256}
 
     def inputs(self, ctx: BuildContext) -> bytes:
         p = _payload(ctx)
