@@ -80,7 +80,7 @@ def display_path(path: Path, root: Path) -> str:
 
 def read_yaml(path: Path, shown: str) -> Any:
     from ruamel.yaml import YAML
-    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+    from ruamel.yaml.error import YAMLError
 
     try:
         text = path.read_text()
@@ -90,12 +90,19 @@ def read_yaml(path: Path, shown: str) -> Any:
         raise ConfigError(f"{shown}: cannot read: {e.strerror}") from None
     try:
         return YAML(typ="safe", pure=True).load(text)
-    except MarkedYAMLError as e:
+    except YAMLError as e:
+        raise yaml_error(shown, e) from None
+
+
+def yaml_error(shown: str, e: Exception) -> ConfigError:
+    """One line for a YAML file that does not parse: FILE:LINE:COLUMN: not valid YAML: why."""
+    from ruamel.yaml.error import MarkedYAMLError
+
+    if isinstance(e, MarkedYAMLError):
         mark = e.problem_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{shown}{where}: not valid YAML: {e.problem}") from None
-    except YAMLError as e:
-        raise ConfigError(f"{shown}: not valid YAML: {e}") from None
+        return ConfigError(f"{shown}{where}: not valid YAML: {e.problem}")
+    return ConfigError(f"{shown}: not valid YAML: {e}")
 
 
 def _key_path(parts: Any) -> str:

@@ -150,16 +150,12 @@ def _yaml() -> Any:
 
 
 def _parse(text: str) -> Any:
-    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+    from ruamel.yaml.error import YAMLError
 
     try:
         doc = _yaml().load(text)
-    except MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{MANIFEST}{where}: not valid YAML: {e.problem}") from None
     except YAMLError as e:
-        raise ConfigError(f"{MANIFEST}: not valid YAML: {e}") from None
+        raise config.yaml_error(MANIFEST, e) from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{MANIFEST}: (top level): must be a mapping with 'releases'")
     _check_keys(doc)

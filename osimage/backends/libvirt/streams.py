@@ -15,7 +15,7 @@ import io
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
@@ -41,15 +41,34 @@ class _Meter:
         self.what, self.total, self.progress = what, total, progress
         self.started = self.last = time.monotonic()
         self.done = 0
+        self.calls = 0
 
     def add(self, n: int) -> None:
         self.done += n
+        self.calls += 1
+        if self.calls % 256 == 0:  # often enough for Ctrl-C, rare enough to cost nothing
+            check_interrupted()
         now = time.monotonic()
         if self.progress is not None and now - self.last >= PROGRESS_EVERY:
             self.last = now
             rate = self.done / max(now - self.started, 1e-6)
             of = f" of {human(self.total)}" if self.total else ""
             self.progress(f"{self.what}: {human(self.done)}{of} ({human(rate)}/s)")
+
+
+@contextlib.contextmanager
+def _finished_or_aborted(stream: Any, hasher: ThreadedHasher) -> Iterator[None]:
+    """The stream finished when the block completes; aborted, and the hasher's thread ended,
+    when it fails (Ctrl-C too)."""
+    try:
+        yield
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            stream.abort()
+        with contextlib.suppress(Exception):
+            hasher.hexdigest()
+        raise
 
 
 @dataclass(frozen=True)
@@ -73,9 +92,8 @@ def upload_stream(conn: Any, vol: Any, source: IO[bytes], size: int,
     meter = _Meter(what, size, progress)
     t0 = time.monotonic()
     sent = 0
-    calls = 0
-    try:
-        chunk = int(libvirt.virStorageVol.streamBufSize)
+    chunk = int(libvirt.virStorageVol.streamBufSize)
+    with _finished_or_aborted(stream, hasher):
         while sent < size:
             block = source.read(min(chunk, size - sent))
             if not block:
@@ -86,16 +104,6 @@ def upload_stream(conn: Any, vol: Any, source: IO[bytes], size: int,
                 view = view[stream.send(view.tobytes() if len(view) < len(block) else block):]
             sent += len(block)
             meter.add(len(block))
-            calls += 1
-            if calls % 256 == 0:
-                check_interrupted()
-        stream.finish()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            stream.abort()
-        with contextlib.suppress(Exception):
-            hasher.hexdigest()
-        raise
     return Transfer(size=sent, sha256=hasher.hexdigest(), seconds=time.monotonic() - t0)
 
 
@@ -175,7 +183,6 @@ def download_stream(conn: Any, vol: Any, dest: Path, *, length: int = 0, sparse:
     chunk = int(libvirt.virStorageVol.streamBufSize)
     recv_flags = libvirt.VIR_STREAM_RECV_STOP_AT_HOLE if sparse else 0
     t0 = time.monotonic()
-    calls = 0
     try:
         while True:
             block = stream.recvFlags(chunk, recv_flags) if sparse else stream.recv(chunk)
@@ -190,9 +197,6 @@ def download_stream(conn: Any, vol: Any, dest: Path, *, length: int = 0, sparse:
                 break
             sink.write(block)
             meter.add(len(block))
-            calls += 1
-            if calls % 256 == 0:
-                check_interrupted()
         stream.finish()
         digest = sink.close()
         os.ftruncate(fd, sink.size)  # a trailing hole has no bytes written after it
@@ -236,23 +240,12 @@ def hash_volume(conn: Any, vol: Any, length: int, progress: Progress | None = No
     meter = _Meter(what, length, progress)
     t0 = time.monotonic()
     chunk = int(libvirt_module().virStorageVol.streamBufSize)
-    calls = 0
-    try:
+    with _finished_or_aborted(stream, hasher):
         while block := stream.recv(chunk):
             if isinstance(block, int):
                 raise BuildError(f"{what}: unexpected stream status {block}")
             hasher.update(block)
             meter.add(len(block))
-            calls += 1
-            if calls % 256 == 0:
-                check_interrupted()
-        stream.finish()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            stream.abort()
-        with contextlib.suppress(Exception):
-            hasher.hexdigest()
-        raise
     return Transfer(size=hasher.size, sha256=hasher.hexdigest(), seconds=time.monotonic() - t0)
 
 
