@@ -59,10 +59,6 @@ class Image:
     data: dict[str, Any]
     provisioner_names: list[str] = field(default_factory=list)
 
-    @property
-    def yaml_path(self) -> Path:
-        return self.directory / "image.yaml"
-
 
 @cache
 def load_schema(name: str) -> dict[str, Any]:

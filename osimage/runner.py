@@ -103,10 +103,6 @@ def forwarded_signals() -> Iterator[_StopRequest]:
             signal.signal(s, h)
 
 
-def stop_requested() -> bool:
-    return _stop.signum is not None
-
-
 def interruption() -> Interrupted | None:
     """The error for the stop request, if one arrived (also after forwarded_signals ended)."""
     if _stop.signum is None:
