@@ -21,7 +21,7 @@ APT_PACKAGES=(
     # rocky8-base's playbooks (ansible-playbook); usb-installer: the tests' live ISO (isolinux),
     # the stick's UEFI loader (grub-mkstandalone) and UEFI boots of the stick (ovmf)
     ansible isolinux syslinux-utils grub-efi-amd64-bin grub-common ovmf
-    # diskless exports (osimage/exports.py): squashfs without root, OCI image, push, test registry
+    # diskless exports (osimage/features/exports.py): squashfs without root, OCI image, push, test registry
     squashfs-tools squashfs-tools-ng umoci skopeo docker-registry
     # checking what we ship
     shellcheck

@@ -4,7 +4,7 @@
 # advisories are those that apply to everything the image installs. Needs the Rocky
 # repositories (the build host's network, or an upstream mirror configured by the image).
 #
-# Leaves at $OSIMAGE_PATCHES_OUTPUT a tarball in the patch format (osimage/patchindex.py):
+# Leaves at $OSIMAGE_PATCHES_OUTPUT a tarball in the patch format (osimage/features/patchindex.py):
 #   advisories.txt       `dnf updateinfo list --security` lines: ADVISORY TYPE/SEVERITY NEVRA
 #   *.rpm                the packages that fix them, with the dependencies not installed yet
 #   repodata/            createrepo_c metadata (gzip: what the host reads to index and check it)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The provisioned root tree as a tar, for the diskless exports (osimage/exports.py: Warewulf 4
+# The provisioned root tree as a tar, for the diskless exports (osimage/features/exports.py: Warewulf 4
 # and OpenCHAMI). Runs last in the VM, after cleanup.sh; Packer downloads $OSIMAGE_ROOTFS_OUTPUT.
 # First the initramfs is made able to boot diskless (dracut's dmsquash-live + livenet:
 # root=live:http://.../rocky8-base.squashfs), not host-only, so the same file also boots the disk.

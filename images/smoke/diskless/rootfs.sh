@@ -1,5 +1,5 @@
 #!/bin/sh
-# The smoke guest's root tree as a tar, for the diskless exports (osimage/exports.py): the
+# The smoke guest's root tree as a tar, for the diskless exports (osimage/features/exports.py): the
 # initramfs root plus /data. Runs last in the VM; Packer downloads $OSIMAGE_ROOTFS_OUTPUT.
 # The mount points of the pseudo filesystems stay, empty; their content, caches, the machine's
 # identity (machine-id, host keys), root's authorized_keys (it holds the build's key, handed

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Makes a smoke patch tarball: the test image's stand-in for rocky8-base's patches/create.sh.
 # Runs last in a `--create-patches` build (busybox sh) and leaves at $OSIMAGE_PATCHES_OUTPUT a
-# tarball in the patch format (osimage/patchindex.py): advisories.txt, one line per advisory
+# tarball in the patch format (osimage/features/patchindex.py): advisories.txt, one line per advisory
 # and package as `dnf updateinfo list --security` prints them, naming what really runs in this
 # VM (its busybox and kernel), and files/ for patches/apply.sh to install on /data.
 set -eu
