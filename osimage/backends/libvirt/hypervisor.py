@@ -4,8 +4,9 @@ The plugin (github.com/thomasklein94/libvirt) boots the build's domain and leave
 a volume in a storage pool. Around it, this module connects to the hypervisor and handles its
 volumes by name; preflight.py checks it before a build (named checks, each with a hint),
 streams.py moves the bytes (the install source into the pool, the image out of it), clean.py
-removes what builds leave behind. Every byte goes through libvirt streams, so a remote hypervisor (qemu+ssh://) works the same as a
-local one: nothing reads or writes the hypervisor's files directly.
+removes what builds leave behind. Every byte goes through libvirt streams, so a remote
+hypervisor (qemu+ssh://) works the same as a local one: nothing reads or writes the
+hypervisor's files directly.
 """
 
 from __future__ import annotations
