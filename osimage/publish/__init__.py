@@ -1,0 +1,2 @@
+"""The mirror: hashing what is published, publishing it (a local folder or SSH), checking
+it before a build, fetching from it into the cache."""
