@@ -54,6 +54,10 @@ replace_option = click.option(
     "--replace", is_flag=True,
     help="Give files of this version already on the mirror other bytes (refused without it; "
          "never allowed for a version a release records).")
+host_key_option = click.option(
+    "--accept-new-host-key", is_flag=True,
+    help="Trust an SSH mirror whose host key is not in known_hosts yet, and add it "
+         "(a changed host key is always refused).")
 release_option = click.option("--release", metavar="X",
                               help="Release to build (the version becomes X, or X-dirty).")
 
@@ -83,9 +87,7 @@ def cli() -> None:
               help="Keep the output of a failed build in build/IMAGE/VERSION/ for inspection.")
 @click.option("--no-publish", is_flag=True, help="Build and record, but do not publish.")
 @replace_option
-@click.option("--accept-new-host-key", is_flag=True,
-              help="Trust an SSH mirror whose host key is not in known_hosts yet, and add it "
-                   "(a changed host key is always refused).")
+@host_key_option
 @click.option("--create-patches", is_flag=True,
               help="Make the next security-patch tarball in the VM instead of an image and "
                    "publish it under repos/Rocky8/ (images whose image.yaml has "
@@ -118,8 +120,7 @@ def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Pat
 @click.argument("image")
 @click.argument("version")
 @replace_option
-@click.option("--accept-new-host-key", is_flag=True,
-              help="Trust an SSH mirror whose host key is not in known_hosts yet, and add it.")
+@host_key_option
 @site_option
 def publish_cmd(image: str, version: str, replace: bool, accept_new_host_key: bool,
                 site_file: Path | None) -> None:
