@@ -278,6 +278,8 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
                                                                        linkname="d") + END,
                          "not an earlier member"),
     "setuid": (lambda: ADV + member("files/su", b"x", mode=0o4755) + END, "setuid"),
+    # GNU tar keeps a directory's setuid bit (a setgid one only passes its group on)
+    "setuid-directory": (lambda: ADV + header("d", flag=b"5", mode=0o4755) + END, "setuid"),
     "device": (lambda: ADV + header("dev/sda", flag=b"4") + END, "is a device"),
     # links, component by component, through links made before and after
     "file-through-earlier-symlink": (

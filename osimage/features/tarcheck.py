@@ -212,7 +212,8 @@ def _member(h: Header, seen: dict[str, Member], limits: Limits) -> Member | str:
         return f"member {shown} is the archive's root but not a directory"
     if name in seen:
         return f"member {shown} comes twice (as {seen[name].shown!r} before)"
-    if h.mode & 0o6000 and h.kind != "dir":
+    # setgid on a directory only passes its group on (shared folders); setuid never belongs
+    if h.mode & (0o4000 if h.kind == "dir" else 0o6000):
         return f"member {shown} is setuid or setgid"
     if h.size > limits.max_member_bytes:
         return f"member {shown} is {h.size} bytes, more than {limits.max_member_bytes}"
