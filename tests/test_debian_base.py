@@ -98,7 +98,7 @@ def assert_no_secrets(fs: RootFs) -> None:
 def test_source_disk_holds_no_keys(debian_base_sources: Path, open_disk: Opener) -> None:
     fs = open_disk(debian_base_sources / DISK)
     assert_no_secrets(fs)
-    assert "bookworm" in fs.cat("/etc/os-release")
+    assert "bookworm" in fs.cat("/usr/lib/os-release")  # /etc/os-release links to it
     assert "/run/osimage/authorized_keys" in fs.cat("/etc/ssh/sshd_config.d/osimage.conf")
     assert fs.exists("/etc/systemd/system/multi-user.target.wants/osimage-authorized-keys.service")
     check = subprocess.run(["sha256sum", "-c", f"{DISK}.sha256"], cwd=debian_base_sources,
