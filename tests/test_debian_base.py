@@ -7,8 +7,6 @@ the disks without mounting: qemu-img convert to raw, then debugfs at the root pa
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,38 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT, build_py, git
+from tests.conftest import build_py, git, make_debian_base_source
 
 pytestmark = pytest.mark.vm
 
-SCRIPT = PROJECT / "scripts" / "make-debian-base-disk.sh"
 ROOT_OFFSET = 134217728  # p2, the root file system (scripts/make-debian-base-disk.sh)
 DISK = "debian-base.qcow2"
-
-
-def make_source(out: Path) -> None:
-    proc = subprocess.run([str(SCRIPT), str(out)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-@pytest.fixture(scope="session")
-def debian_base_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The debian-base source disk, made once by the project's own script."""
-    out = tmp_path_factory.mktemp("debian-base-sources")
-    make_source(out)
-    return out
-
-
-@pytest.fixture
-def debian_repo(repo: Path, debian_base_sources: Path) -> Path:
-    """The test repository with the debian-base source disk already prepared (its stamp says
-    the script made it, so the build does not run mmdebstrap again)."""
-    sources = repo / "build" / "sources" / "debian-base"
-    shutil.copytree(debian_base_sources, sources)
-    script = repo / "scripts" / "make-debian-base-disk.sh"
-    (sources / ".prepare-stamp").write_text(hashlib.sha256(script.read_bytes()).hexdigest() + "\n")
-    return repo
 
 
 class RootFs:
@@ -109,7 +81,7 @@ def test_source_disk_holds_no_keys(debian_base_sources: Path, open_disk: Opener)
 def test_source_disk_is_reproducible(debian_base_sources: Path, tmp_path: Path) -> None:
     """Made again with the same SOURCE_DATE_EPOCH (and mirror state): the same bytes."""
     again = tmp_path / "again"
-    make_source(again)
+    make_debian_base_source(again)
     assert (again / f"{DISK}.sha256").read_text() == \
         (debian_base_sources / f"{DISK}.sha256").read_text()
 
