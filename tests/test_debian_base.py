@@ -16,7 +16,9 @@ import pytest
 
 from tests.conftest import build_py, git, make_debian_base_source
 
-pytestmark = pytest.mark.vm
+# mmdebstrap (1-4 minutes, by the machine's load) and a systemd boot under TCG outlast the
+# suite's default timeout.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 ROOT_OFFSET = 134217728  # p2, the root file system (scripts/make-debian-base-disk.sh)
 DISK = "debian-base.qcow2"
