@@ -23,6 +23,8 @@ APT_PACKAGES=(
     ansible isolinux syslinux-utils grub-efi-amd64-bin grub-common ovmf
     # diskless exports (osimage/features/exports.py): squashfs without root, OCI image, push, test registry
     squashfs-tools squashfs-tools-ng umoci skopeo docker-registry
+    # images/debian-base: its source disk (scripts/make-debian-base-disk.sh)
+    mmdebstrap
     # checking what we ship
     shellcheck
     # --debug: the serial console command it prints (socat -,raw,echo=0 UNIX-CONNECT:...)

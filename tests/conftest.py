@@ -106,3 +106,32 @@ def tree_snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root with its bytes (for 'nothing changed on disk')."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and ".git" not in p.relative_to(root).parts}
+
+
+def make_debian_base_source(out: Path) -> None:
+    """images/debian-base's source disk, by its own script (mmdebstrap: needs the Debian
+    mirror; the .debs are cached under ~/.cache/osimage)."""
+    proc = subprocess.run([str(PROJECT / "scripts" / "make-debian-base-disk.sh"), str(out)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def debian_base_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The debian-base source disk, made once per session."""
+    out = tmp_path_factory.mktemp("debian-base-sources")
+    make_debian_base_source(out)
+    return out
+
+
+@pytest.fixture
+def debian_repo(repo: Path, debian_base_sources: Path) -> Path:
+    """The test repository with the debian-base source disk already prepared (its stamp says
+    the script made it, so the build does not run mmdebstrap again)."""
+    import hashlib
+
+    sources = repo / "build" / "sources" / "debian-base"
+    shutil.copytree(debian_base_sources, sources)
+    script = repo / "scripts" / "make-debian-base-disk.sh"
+    (sources / ".prepare-stamp").write_text(hashlib.sha256(script.read_bytes()).hexdigest() + "\n")
+    return repo

@@ -39,9 +39,12 @@ def lv_site(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("image", IMAGES)
-def test_every_image_renders_for_both_backends(repo: Path, lv_site: Path, image: str) -> None:
+def test_every_image_renders_for_both_backends(repo: Path, lv_site: Path, image: str,
+                                               request: pytest.FixtureRequest) -> None:
     """The same image.yaml renders for qemu and for libvirt; the libvirt file parses and
     passes the plugin's schema, with nothing that needs the hypervisor at render time."""
+    if image == "debian-base":  # its source disk, made once per session (mmdebstrap)
+        repo = request.getfixturevalue("debian_repo")
     proc = build_py(repo, "render", image)
     assert proc.returncode == 0, proc.stderr
     qemu_hcl = repo / proc.stdout.strip()

@@ -111,12 +111,10 @@ def test_render_hands_the_vm_the_repack(repo: Path, mirror_http: str,
     assert f"the VM gets a re-pack of exactly those members, sha256 {repack_sha}" in proc.stderr
     hcl = (repo / proc.stdout.strip()).read_text()
     assert f'source      = "{repack}"' in hcl or f'source = "{repack}"' in hcl, hcl
-    # the apply step's environment is a file Packer uploads as it is (render.provision_files)
-    [env_file] = (repo / proc.stdout.strip()).parent.glob("provision/*-patches-apply.env")
-    assert str(env_file) in hcl
-    env = env_file.read_text()
-    assert f"export OSIMAGE_PATCHES_REPACK_SHA256={repack_sha}\n" in env
-    assert f"export OSIMAGE_PATCHES_SHA256={sha}\n" in env
+    # the environment goes to the VM as a file Packer uploads (osimage/build/render.py)
+    env = next((repo / proc.stdout.strip()).parent.glob("provision/*-patches-apply.env"))
+    assert f"export OSIMAGE_PATCHES_REPACK_SHA256={repack_sha}\n" in env.read_text()
+    assert f"export OSIMAGE_PATCHES_SHA256={sha}\n" in env.read_text()
     listed = subprocess.run(["busybox", "tar", "-tvf", str(repack)], capture_output=True,
                             text=True, check=True).stdout.split("\n")
     assert [line.split()[-1] for line in listed if line] == [
