@@ -142,3 +142,23 @@ def test_ctrl_c_while_provisioning_leaves_nothing(netns_env: NetnsLibvirt, repo:
     assert "Traceback" not in err
     assert leftovers(env) == []
     assert not (repo / "images" / "smoke" / "manifest.json").exists()
+
+
+def test_render_needs_no_hypervisor_and_driver_is_checked(repo: Path) -> None:
+    """./build.py render with driver native: a null source, the image's shutdown_command last;
+    no hypervisor is reached. A misspelt driver is one line, exit 2."""
+    from tests.conftest import build_py
+
+    site = repo / "site.yaml"
+    site.write_text('backend: libvirt\nlibvirt:\n  uri: "qemu:///system?socket=/nonexistent"\n'
+                    '  pool: p\n  network: n\n  driver: native\n')
+    proc = build_py(repo, "render", "smoke")
+    assert proc.returncode == 0, proc.stderr
+    hcl = (repo / proc.stdout.strip().splitlines()[-1]).read_text()
+    assert 'source "null" "smoke"' in hcl and 'sources = ["source.null.smoke"]' in hcl
+    assert hcl.rindex("zz-shutdown.sh") > hcl.rindex("marker.sh")
+    site.write_text(site.read_text().replace("driver: native", "driver: nativ"))
+    proc = build_py(repo, "render", "smoke")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: site.yaml: libvirt.driver: 'nativ' is not one of "
+                                   "'plugin', 'native' (did you mean 'native'?)")
