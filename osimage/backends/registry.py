@@ -11,8 +11,14 @@ BACKENDS = {
     "qemu": "osimage.backends.qemu",  # Packer's qemu builder on this machine
     "libvirt": "osimage.backends.libvirt.steps",  # the libvirt plugin, a pool, a network
 }
+# libvirt.driver: native: osimage runs the domain itself, Packer provisions over SSH
+NATIVE = "osimage.backends.libvirt.nativebuild"
 
 
 def backend_of(ctx: BuildContext) -> Backend:
-    backend: Backend = importlib.import_module(BACKENDS[ctx.site.backend]).BACKEND
+    module = BACKENDS[ctx.site.backend]
+    if ctx.site.backend == "libvirt" and (ctx.site.data.get("libvirt") or {}).get(
+            "driver", "plugin") == "native":
+        module = NATIVE
+    backend: Backend = importlib.import_module(module).BACKEND
     return backend

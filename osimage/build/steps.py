@@ -252,7 +252,8 @@ def _drop_unrecorded_output(ctx: BuildContext) -> None:
 def _packer_files(ctx: BuildContext) -> list[Path]:
     try:
         data = json.loads(ctx.packer_manifest.read_text())
-        names = [f["name"] for b in data["builds"] for f in b["files"]]
+        # a null source (libvirt driver native) records "files": null
+        names = [f["name"] for b in data["builds"] for f in b["files"] or []]
     except (OSError, ValueError, KeyError):
         names = []
     paths = [Path(n) if Path(n).is_absolute() else ctx.work_dir / n for n in names]
