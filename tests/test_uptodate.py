@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import build_py, git, qemu_pids
+from tests.servers import HTTPServer, SSHServer
 
 MANIFEST = Path("images/smoke/manifest.json")
 
@@ -123,3 +125,29 @@ def test_changed_or_missing_inputs_build(repo: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "a build from a dirty tree is never up to date" in proc.stderr
     assert len(builds(repo)) == 4
+
+
+def test_up_to_date_on_an_ssh_mirror(repo: Path) -> None:
+    """The files are checked over SFTP (stat and the .sha256) on a real sshd; the mirror is not
+    an input: the build published to a local folder is the same image."""
+    first = build_py(repo, "smoke")
+    assert first.returncode == 0, first.stderr
+    version = builds(repo)[0]["custom_data"]["version"]
+    with SSHServer() as ssh, HTTPServer(ssh.root) as http:
+        shutil.copytree(repo / "mirror" / "builds", ssh.root / "builds")
+        site = repo.parent / "ssh-site.yaml"
+        site.write_text(f"mirror:\n  url: {ssh.url}\n  http: {http.url}\n"
+                        f"  identity_file: {ssh.client_key}\n  known_hosts: {ssh.known_hosts}\n")
+        proc = build_py(repo, "smoke", "--site", str(site))
+        assert proc.returncode == 0, proc.stderr
+        assert f"smoke is up to date: reused build {version}" in proc.stderr
+        # a .sha256 naming other bytes: not up to date (the version is published, so the
+        # build then stops at that check, before any VM)
+        checksum = ssh.root / "builds" / "smoke" / version / "smoke.qcow2.sha256"
+        checksum.write_text("0" * 64 + "  smoke.qcow2\n")
+        proc = build_py(repo, "smoke", "--site", str(site))
+    assert "is up to date" not in proc.stderr
+    assert (f"builds/smoke/{version}/smoke.qcow2.sha256 on the mirror does not name the "
+            "recorded sha256") in proc.stderr
+    assert proc.returncode == 2 and "is already published" in proc.stderr
+    assert len(builds(repo)) == 1

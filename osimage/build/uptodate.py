@@ -30,6 +30,9 @@ def early_hash(ctx: BuildContext) -> tuple[str | None, str]:
     """The inputs hash before any step ran, or None and why it cannot be known yet."""
     if ctx.git.dirty:
         return None, "a build from a dirty tree is never up to date"
+    left_out = sorted({slot for f in FEATURES for slot in f.skips(ctx)})
+    if left_out:
+        return None, f"this build leaves out {', '.join(left_out)}: it makes no image to reuse"
     used = [f.name for f in FEATURES if f.inputs_from_steps and f.steps(ctx)]
     if used:
         return None, f"its inputs ({', '.join(used)}) are known only once the build fetched them"
