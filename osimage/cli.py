@@ -87,6 +87,10 @@ def cli() -> None:
               help="Keep the output of a failed build in build/IMAGE/VERSION/ for inspection.")
 @click.option("--no-publish", is_flag=True, help="Build and record, but do not publish.")
 @replace_option
+@click.option("--rebuild", is_flag=True,
+              help="Build even when the image is up to date (its last clean published build "
+                   "has the same inputs hash and its files are on the mirror); a version "
+                   "already published then also needs --replace.")
 @host_key_option
 @click.option("--create-patches", is_flag=True,
               help="Make the next security-patch tarball in the VM instead of an image and "
@@ -103,7 +107,7 @@ def cli() -> None:
 def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Path | None,
               keep_failed: bool, no_publish: bool, debug: bool, break_before: tuple[str, ...],
               break_after: tuple[str, ...], create_patches: bool,
-              accept_new_host_key: bool, replace: bool) -> None:
+              accept_new_host_key: bool, replace: bool, rebuild: bool) -> None:
     """Build IMAGE (the default command: ./build.py IMAGE)."""
     from osimage.build.context import BuildOptions
     from osimage.build.pipeline import run_build
@@ -112,7 +116,7 @@ def build_cmd(image: str, release: str | None, skip_commit: bool, site_file: Pat
                         site_file=site_file, keep_failed=keep_failed, publish=not no_publish,
                         debug=debug, break_before=break_before, break_after=break_after,
                         create_patches=create_patches, replace=replace,
-                        accept_new_host_key=accept_new_host_key)
+                        accept_new_host_key=accept_new_host_key, rebuild=rebuild)
     run_build(project_root(), opts, _reporter())
 
 

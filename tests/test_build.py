@@ -79,8 +79,9 @@ def test_build_end_to_end(repo: Path, tmp_path: Path, no_leftover_qemu: None) ->
             assert b"PRIVATE KEY" not in kept.read_bytes(), kept
 
     # a second build of the same commit (manifest.json is not an input: the tree stays clean);
-    # its files are on the mirror already, so it needs --replace (tests/test_immutable.py)
-    again = build_py(repo, "smoke", "--replace")
+    # its files are on the mirror already, so it needs --replace (tests/test_immutable.py),
+    # and its inputs did not change, so --rebuild (tests/test_uptodate.py)
+    again = build_py(repo, "smoke", "--rebuild", "--replace")
     assert again.returncode == 0, again.stderr
     data = json.loads((repo / "images" / "smoke" / "manifest.json").read_text())
     assert len(data["builds"]) == 2

@@ -96,8 +96,8 @@ def test_a_new_feature_is_placed_by_its_anchors() -> None:
              Step("check layers", noop, at="before source")]
     names = [s.name for s in select(assemble(CORE, added, {"check published"}),
                                     BuildOptions(image="x"))]
-    assert names == ["check mirror", "check release", "check layers", "prepare source",
-                     "make build key", "render and validate HCL", "packer build",
+    assert names == ["check up to date", "check mirror", "check release", "check layers",
+                     "prepare source", "make build key", "render and validate HCL", "packer build",
                      "hash artifacts", "sbom", "push sbom", "publish to mirror",
                      "record in manifest.json"]
     quiet = select(assemble(CORE, added, set()), BuildOptions(image="x", publish=False))

@@ -33,6 +33,7 @@ class BuildOptions:
     replace: bool = False  # --replace: files of this version on the mirror may get other bytes
     accept_new_host_key: bool = False  # --accept-new-host-key: trust a new SSH mirror host key
     render_only: bool = False  # ./build.py render: up to the rendered HCL, no Packer
+    rebuild: bool = False  # --rebuild: build even when the image is up to date
 
     @property
     def interactive(self) -> bool:
@@ -69,6 +70,7 @@ class BuildContext:
     create_patches: bool = False  # --create-patches: the build makes a patch tarball
     replace: bool = False  # --replace: this version's files on the mirror may change
     accept_new_host_key: bool = False  # --accept-new-host-key (SSH mirrors)
+    rebuild: bool = False  # --rebuild: build even when the image is up to date
     http_dir: Path | None = None  # http_directory as served to this build (rendered or as is)
     # Each feature's and the backend's own state for this build, under its name.
     state: dict[str, Any] = field(default_factory=dict)

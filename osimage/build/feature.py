@@ -43,6 +43,9 @@ class Feature:
 
     name = ""  # its key in the manifest entry's custom_data and in the inputs hash
     recorded = False  # whether the manifest entry's custom_data carries `name` (null if unused)
+    # whether inputs() is known only after the feature's steps ran (a fetched tarball's sha256):
+    # a build with such steps is not judged up to date before it starts (build/uptodate.py)
+    inputs_from_steps = False
 
     def check_options(self, root: Path, opts: BuildOptions) -> BuildOptions:
         """Before anything is read or printed: refuse (ConfigError) or adjust the options."""

@@ -20,6 +20,7 @@ from osimage.build import gitstate, packer, render
 from osimage.build.context import BuildContext, BuildOptions
 from osimage.build.feature import Step, assemble, select
 from osimage.build.steps import CORE
+from osimage.build.uptodate import UpToDate
 from osimage.errors import FactoryError
 from osimage.features.registry import FEATURES
 from osimage.fsutil import waiting_lock
@@ -55,6 +56,7 @@ def prepare(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
     ctx.replace = opts.replace
     ctx.create_patches = opts.create_patches
     ctx.accept_new_host_key = opts.accept_new_host_key
+    ctx.rebuild = opts.rebuild
     reporter.info(f"    image {image.name}, version {version}, commit {state.short}"
                   f"{' (dirty)' if state.dirty else ''}")
     if state.dirty:
@@ -105,8 +107,12 @@ def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContex
         steps = plan(ctx, opts)
         # checks that may refuse the build run before it takes the work dir: a refused build
         # leaves nothing behind
-        with contextlib.ExitStack() as stack:
-            _run(ctx, [s for s in steps if s.check], stack)
+        try:
+            with contextlib.ExitStack() as stack:
+                _run(ctx, [s for s in steps if s.check], stack)
+        except UpToDate as done:
+            reporter.info(str(done))
+            return ctx
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             _run(ctx, [s for s in steps if not s.check], stack)
     if opts.interactive:

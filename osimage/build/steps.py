@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from osimage import __version__, config, runner
+from osimage import __version__, runner
 from osimage.backends.registry import backend_of
-from osimage.build import packer, render
+from osimage.build import inputs, packer, render, uptodate
 from osimage.build.context import BuildContext
 from osimage.build.feature import Step
 from osimage.errors import BuildError, ConfigError, FactoryError
@@ -25,18 +25,11 @@ from osimage.release import image_manifest as manifest
 from osimage.sizes import human
 from osimage.ui import Reporter
 
-
-def _resolve_location(root: Path, value: str) -> str:
-    if "://" in value:
-        return value
-    path = Path(value)
-    return str(path if path.is_absolute() else root / path)
+_resolve_location = inputs.resolve_location
 
 
 def _run_prepare(ctx: BuildContext, script: Path, target: Path, reporter: Reporter) -> None:
-    stamp = target.parent / ".prepare-stamp"
-    script_hash = hashlib.sha256(script.read_bytes()).hexdigest()
-    if target.exists() and stamp.exists() and stamp.read_text().strip() == script_hash:
+    if inputs.prepared(script, target):
         return
     reporter.info(f"    making {target.name} with {script.relative_to(ctx.root)}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -44,17 +37,13 @@ def _run_prepare(ctx: BuildContext, script: Path, target: Path, reporter: Report
         runner.run([script, target.parent], cwd=ctx.root, log=log, what=script.name)
     if not target.exists():
         raise BuildError(f"{script.relative_to(ctx.root)} did not make {target}")
-    stamp.write_text(script_hash + "\n")
+    (target.parent / ".prepare-stamp").write_text(
+        hashlib.sha256(script.read_bytes()).hexdigest() + "\n")
 
 
 def step_source(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    src = ctx.image.data["source"]
-    shown, key = f"images/{ctx.image.name}/image.yaml", "source"
-    override = ctx.site.data.get("sources", {}).get(ctx.image.name)
-    if override is not None:  # the site's local copy of the source (site.yaml: sources.IMAGE)
-        src = override
-        shown = config.display_path(ctx.site.path, ctx.root) if ctx.site.path else "site.yaml"
-        key = f"sources.{ctx.image.name}"
+    src, shown, key = inputs.source_of(ctx)
+    if key != "source":  # the site's local copy of the source (site.yaml: sources.IMAGE)
         ctx.reporter.info(f"    source from {shown} ({key})")
     location = src.get("disk") or src["iso"]
     if "prepare" in src:
@@ -63,50 +52,12 @@ def step_source(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         _run_prepare(ctx, ctx.root / src["prepare"], Path(_resolve_location(ctx.root, location)),
                      ctx.reporter)
     ctx.source_url = _resolve_location(ctx.root, location)
-    checksum: str = src["checksum"]
-    if checksum.startswith("file:"):
-        ref = checksum.removeprefix("file:")
-        if "://" in ref:
-            ctx.source_checksum = checksum  # Packer fetches and checks it
-        else:
-            path = Path(_resolve_location(ctx.root, ref))
-            try:
-                text = path.read_text()
-            except OSError:
-                raise ConfigError(f"{shown}: {key}.checksum: cannot read {ref}") from None
-            digest = artifacts.parse_checksum_file(text, Path(location).name)
-            if digest is None:
-                raise ConfigError(f"{shown}: {key}.checksum: no sha256 for "
-                                  f"{Path(location).name} in {ref}")
-            ctx.source_checksum = f"sha256:{digest}"
-    else:
-        ctx.source_checksum = checksum
+    ctx.source_checksum = inputs.source_checksum(ctx)
     if "://" not in ctx.source_url and not Path(ctx.source_url).exists():
         raise ConfigError(f"{shown}: {key}: {location} does not exist")
 
 
-def inputs_hash(ctx: BuildContext) -> str:
-    """sha256 over what decides the image: its folder, templates/, the source checksum and
-    the source's prepare script (config.check_image_paths keeps every other path inside the
-    image folder)."""
-    h = hashlib.sha256()
-    folders = [ctx.image.directory, ctx.root / "templates"]
-    for folder in folders:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.name not in ("manifest.json", "manifest.json.lock"):
-                h.update(str(path.relative_to(ctx.root)).encode() + b"\0")
-                h.update(path.read_bytes() + b"\0")
-    h.update(ctx.source_checksum.encode())
-    # What image.yaml (or the site's sources) names outside the image folder: the source counts
-    # by its checksum above; the script that makes it by its bytes.
-    src = ctx.site.data.get("sources", {}).get(ctx.image.name) or ctx.image.data["source"]
-    if "prepare" in src:
-        h.update(b"\0prepare:" + (ctx.root / src["prepare"]).read_bytes())
-    for feature in FEATURES:
-        data = feature.inputs(ctx)
-        if data:
-            h.update(b"\0" + feature.name.encode() + b":" + data)
-    return h.hexdigest()
+inputs_hash = inputs.inputs_hash  # the backends' render step records it
 
 
 def step_key(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
@@ -402,6 +353,8 @@ def _render_placeholder(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 # The core steps; "render" and "artifacts" are the backend's (its Step fills the slot).
 CORE: list[Step] = [
+    Step("check up to date", uptodate.step_up_to_date, slot="up to date", publishes=True,
+         check=True),  # an unchanged image is not built again (README: incremental builds)
     Step("check mirror", step_check_mirror, slot="check mirror", publishes=True, check=True),
     Step("check release", step_check_release, slot="check release", records=True,
          check=True),  # a released version is never built again

@@ -300,6 +300,7 @@ def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 class Patches(Feature):
     name = NAME
     recorded = True
+    inputs_from_steps = True
 
     def check_options(self, root: Path, opts: BuildOptions) -> BuildOptions:
         return replace(opts, release=check_options(root, opts.image, opts.release,

@@ -162,6 +162,7 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 class Embedded(Feature):
     name = NAME
     recorded = True
+    inputs_from_steps = True
 
     def check_options(self, root: Path, opts: BuildOptions) -> BuildOptions:
         if not opts.render_only:  # render without --release uploads a stand-in

@@ -1,0 +1,132 @@
+"""Incremental builds: an image whose inputs hash equals that of its last clean published build,
+whose files are still on the mirror as recorded, is not built again (README.md, "Incremental
+builds"). The check reads sizes and the small NAME.sha256 files only: re-hashing gigabytes is
+`release verify`'s job, not this one's."""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import time
+from pathlib import Path
+from typing import Any
+
+from osimage.build import inputs
+from osimage.build.context import BuildContext
+from osimage.errors import ConfigError
+from osimage.features.registry import FEATURES
+from osimage.publish.artifacts import parse_checksum_file
+from osimage.publish.mirror import LocalMirror
+from osimage.release import image_manifest as manifest
+from osimage.release.tidy import latest_clean
+from osimage.sizes import human
+
+
+class UpToDate(Exception):  # not an error: the build ends here with exit 0
+    """The image is up to date: the message says which build is reused and why."""
+
+
+def early_hash(ctx: BuildContext) -> tuple[str | None, str]:
+    """The inputs hash before any step ran, or None and why it cannot be known yet."""
+    if ctx.git.dirty:
+        return None, "a build from a dirty tree is never up to date"
+    left_out = sorted({slot for f in FEATURES for slot in f.skips(ctx)})
+    if left_out:
+        return None, f"this build leaves out {', '.join(left_out)}: it makes no image to reuse"
+    used = [f.name for f in FEATURES if f.inputs_from_steps and f.steps(ctx)]
+    if used:
+        return None, f"its inputs ({', '.join(used)}) are known only once the build fetched them"
+    src, _, _ = inputs.source_of(ctx)
+    if "prepare" in src:
+        target = Path(inputs.resolve_location(ctx.root, src.get("disk") or src["iso"]))
+        if not inputs.prepared(ctx.root / src["prepare"], target):
+            return None, f"its source is not made yet ({src['prepare']} runs)"
+    try:
+        return inputs.inputs_hash(ctx, inputs.source_checksum(ctx)), ""
+    except (ConfigError, OSError):
+        return None, "its source's checksum cannot be read yet"
+
+
+def _on_mirror(ctx: BuildContext, build: dict[str, Any]) -> list[str] | str:
+    """What was checked of the build's files on the mirror, or the first thing that differs."""
+    data = build["custom_data"]
+    dest = str(data.get("mirror_path") or "")
+    files = [(str(f["name"]), int(f["size"])) for f in build.get("files") or []]
+    digests = data.get("sha256") or {}
+    if not dest or not files:
+        return "its record names no files on the mirror"
+    mirror = ctx.mirror()
+    if isinstance(mirror, LocalMirror):
+        root = mirror.root
+        return _compare(dest, files, digests, lambda p: (root / p).stat().st_size,
+                        lambda p: (root / p).read_text(errors="replace"))
+    from osimage.publish.sshmirror import SSHMirror  # paramiko loads only for an SSH mirror
+
+    if not isinstance(mirror, SSHMirror):
+        return f"{mirror.describe()} cannot be checked"
+    top = mirror.location.root
+    with mirror.connect() as sftp:  # one session: stat and the small .sha256 files
+        def stat(path: str) -> int:
+            return int(sftp.stat(posixpath.join(top, path)).st_size or 0)
+
+        def read(path: str) -> str:
+            with sftp.open(posixpath.join(top, path)) as f:
+                return bytes(f.read(4096)).decode(errors="replace")
+
+        return _compare(dest, files, digests, stat, read)
+
+
+def _compare(dest: str, files: list[tuple[str, int]], digests: dict[str, str],
+             stat: Any, read: Any) -> list[str] | str:
+    seen = []
+    for name, size in files:
+        path = f"{dest}/{Path(name).name}"
+        try:
+            got = stat(path)
+        except OSError:
+            return f"{path} is not on the mirror"
+        if got != size:
+            return f"{path} is {got} bytes on the mirror, {size} recorded"
+        try:
+            text = read(path + ".sha256")
+        except OSError:
+            return f"{path}.sha256 is not on the mirror"
+        if parse_checksum_file(text, Path(name).name) != digests.get(name):
+            return f"{path}.sha256 on the mirror does not name the recorded sha256"
+        seen.append(f"{Path(name).name} ({human(size)})")
+    return seen
+
+
+def step_up_to_date(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    """Ends the build (UpToDate) when its last clean published build has the same inputs hash
+    and its files are on the mirror as recorded; otherwise says why it builds."""
+    if ctx.rebuild:
+        ctx.reporter.info("    --rebuild: built whatever the last build was")
+        return
+    digest, why = early_hash(ctx)
+    if digest is None:
+        ctx.reporter.info(f"    builds: {why}")
+        return
+    build = latest_clean(manifest.read(ctx.image_manifest)["builds"])
+    if build is None:
+        ctx.reporter.info(f"    builds: no clean published build of {ctx.image.name} yet "
+                          f"(inputs {digest[:12]})")
+        return
+    data = build["custom_data"]
+    label = f"build {data['version']} (commit {str(data.get('git_commit'))[:7]}, " + time.strftime(
+        "%Y-%m-%d %H:%M UTC", time.gmtime(int(build.get("build_time") or 0))) + ")"
+    if data.get("inputs_sha256") != digest:
+        ctx.reporter.info(f"    builds: the inputs changed since {label}: inputs hash "
+                          f"{str(data.get('inputs_sha256'))[:12]} then, {digest[:12]} now")
+        return
+    if data.get("published") is not True:
+        ctx.reporter.info(f"    builds: {label} has the same inputs but is not published")
+        return
+    found = _on_mirror(ctx, build)
+    if isinstance(found, str):
+        ctx.reporter.info(f"    builds: {label} has the same inputs, but {found}")
+        return
+    raise UpToDate(f"{ctx.image.name} is up to date: reused {label}, because its inputs hash "
+                   f"{digest[:12]} is the same and its files are on the mirror with their "
+                   f"recorded size and .sha256 ({', '.join(found)} in {data['mirror_path']}); "
+                   f"--rebuild builds anyway")
