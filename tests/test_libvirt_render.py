@@ -316,8 +316,8 @@ def test_libvirt_steps_around_packer() -> None:
         steps = assemble(CORE, libvirt_steps.BACKEND.steps, set(skipped))
         return [s.name for s in select(steps, BuildOptions(image="x", **opts))]
 
-    assert names() == ["check mirror", "check release", "check published", "prepare source",
-                       "make build key", "libvirt preflight", "upload source to pool",
+    assert names() == ["check up to date", "check mirror", "check release", "check published",
+                       "prepare source", "make build key", "libvirt preflight", "upload source to pool",
                        "render and validate HCL", "tag build on hypervisor", "packer build",
                        "download artifact volume", "publish to mirror",
                        "record in manifest.json"]
