@@ -317,7 +317,8 @@ def test_libvirt_steps_around_packer() -> None:
         return [s.name for s in select(steps, BuildOptions(image="x", **opts))]
 
     assert names() == ["check up to date", "check mirror", "check release", "check published",
-                       "prepare source", "make build key", "libvirt preflight", "upload source to pool",
+                       "prepare source", "make build key", "libvirt preflight",
+                       "upload source to pool",
                        "render and validate HCL", "tag build on hypervisor", "packer build",
                        "download artifact volume", "publish to mirror",
                        "record in manifest.json"]
