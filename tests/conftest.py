@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,17 @@ from pathlib import Path
 import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM to the test run (a CI timeout, a killed run) ends it like Ctrl-C, so fixtures
+    tear down what they started (the network namespace's libvirtd, dnsmasq, servers) instead
+    of leaving it running."""
+    signal.signal(signal.SIGTERM, _terminated)
 
 
 def git(repo: Path, *args: str) -> str:
