@@ -9,4 +9,4 @@ ruff check osimage tests bench build.py
 echo "== mypy --strict"
 mypy
 echo "== pytest"
-exec python3 -m pytest -ra "$@"
+exec python3 -m pytest -ra --durations=30 "$@"
