@@ -184,6 +184,7 @@ def release_group() -> None:
       ./build.py release set-patches 2.4.0 repos/Rocky8/rocky8-patches-20261126.tar.gz
       ./build.py release verify 2.4.0          every file on the mirror, size and sha256
       ./build.py release diff 2.3.0 2.4.0
+      ./build.py release sign 2.4.0            SHA256SUMS + .asc and the release pages
     """
 
 
@@ -278,9 +279,45 @@ def release_verify_cmd(name: str, mirror_url: str | None, site_file: Path | None
     root = project_root()
     rel = release.load(root).get(name)
     reader = release.open_reader(root, site_file, mirror_url)
+    from osimage.release import sign
+
+    click.echo(sign.verify_signature(root, rel, reader))
     rows = release.verify(rel, reader)
     click.echo(release.verify_table(rows))
     click.echo(release.require_verified(rel, rows, reader))
+
+
+@release_group.command("sign")
+@click.argument("name", metavar="RELEASE")
+@mirror_url_option
+@host_key_option
+@site_option
+def release_sign_cmd(name: str, mirror_url: str | None, accept_new_host_key: bool,
+                     site_file: Path | None) -> None:
+    """Sign RELEASE: releases/RELEASE/SHA256SUMS and SHA256SUMS.asc (gpg, the site's
+    signing.key) published to the mirror, then the release pages. A signed release never
+    changes."""
+    from osimage.release import page, sign
+
+    root = project_root()
+    signed = sign.sign(root, name, site_file, mirror_url, accept_new_host_key,
+                       _reporter().info)
+    for line in page.publish_index(root, site_file, mirror_url, accept_new_host_key):
+        click.echo(line)
+    click.echo(f"release {name} signed by {signed.key} on {signed.date}")
+
+
+@release_group.command("publish-index")
+@mirror_url_option
+@host_key_option
+@site_option
+def release_publish_index_cmd(mirror_url: str | None, accept_new_host_key: bool,
+                              site_file: Path | None) -> None:
+    """Write the release pages (releases/index.html, releases/X/index.html) to the mirror."""
+    from osimage.release import page
+
+    for line in page.publish_index(project_root(), site_file, mirror_url, accept_new_host_key):
+        click.echo(line)
 
 
 @release_group.command("show")

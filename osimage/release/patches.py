@@ -127,6 +127,7 @@ def set_patches(root: Path, name: str, path: str, sha256: str | None, force: boo
 
 
 def _refuse_other(doc: Any, name: str, path: str, force: bool) -> None:
+    release.refuse_signed(doc, name)
     current = doc["releases"].get(name, {}).get("patches") if name in doc["releases"] else None
     if force or current is None or current.get("path") == path:
         return
