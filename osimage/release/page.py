@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 from osimage import config
-from osimage.errors import BuildError
+from osimage.errors import BuildError, ConfigError
 from osimage.features.patches import SUFFIX
 from osimage.publish.artifacts import Artifact
 from osimage.publish.artifacts import record as record_artifact
@@ -245,14 +245,19 @@ def render(root: Path, releases: Iterable[ReleaseView], out: Path) -> list[Path]
                              keep_trailing_newline=True)
     items = list(releases)
     common: Mapping[str, Any] = {"sums": SUMS, "signature": SIGNATURE}
-    written = [out / "index.html"]
-    written[0].write_text(env.get_template("index.html.j2").render(releases=items, **common))
-    for view in items:
-        folder = out / view.name
-        folder.mkdir(parents=True, exist_ok=True)
-        page = folder / "index.html"
-        page.write_text(env.get_template("release.html.j2").render(release=view, **common))
-        written.append(page)
+    try:
+        written = [out / "index.html"]
+        written[0].write_text(env.get_template("index.html.j2").render(releases=items, **common))
+        for view in items:
+            folder = out / view.name
+            folder.mkdir(parents=True, exist_ok=True)
+            page = folder / "index.html"
+            page.write_text(env.get_template("release.html.j2").render(release=view, **common))
+            written.append(page)
+    except jinja2.TemplateNotFound as e:
+        raise ConfigError(f"{TEMPLATES}/{e.name}: missing") from None
+    except jinja2.TemplateError as e:
+        raise ConfigError(f"{TEMPLATES}: {e}") from None
     return written
 
 

@@ -186,7 +186,8 @@ def check_signature(root: Path, data: Path, signature: Path, shown: str) -> str:
         raise ReleaseError(f"{shown}: BAD signature by key {bad[0]}: {SUMS} was changed after "
                            "it was signed")
     if missing is not None:
-        key = missing[7] if len(missing) > 7 and missing[7] != "-" else missing[0]
+        # ERRSIG KEYID PKALGO HASHALGO CLASS TIME RC FPR (FPR since gpg 2.2.7, "-" if unknown)
+        key = missing[6] if len(missing) > 6 and missing[6] != "-" else missing[0]
         if missing[5:6] == ["9"]:
             raise ReleaseError(f"{shown}: signed by key {key}, which is not in {KEYS_DIR}/; "
                                "refused", hint="a key the project trusts is committed there "
