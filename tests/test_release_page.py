@@ -175,7 +175,7 @@ def test_publish_index_without_signing(
     add_build(repo, "smoke", "1.0", mirror=mirror)
     assert run(capsys, "release", "record", "1.0.0")[0] == 0
     subprocess.run(["git", "-C", str(repo), "commit", "-qam", "release 1.0.0"], check=True)
-    code, out, err = run(capsys, "release", "publish-index")
+    code, _out, err = run(capsys, "release", "publish-index")
     assert code == 0, err
     html = (mirror / "releases/index.html").read_text()
     assert "not signed" in html and ">1.0.0</a>" in html

@@ -165,7 +165,7 @@ def test_a_tampered_sha256sums_is_a_bad_signature(
     sums = setup.file("releases/1.0.0/SHA256SUMS")
     text = sums.read_text()
     sums.write_text(("1" if text[0] != "1" else "2") + text[1:])
-    code, out, err = run(capsys, "release", "verify", "1.0.0")
+    code, _out, err = run(capsys, "release", "verify", "1.0.0")
     assert code == 1
     assert "\nerror: releases/1.0.0/SHA256SUMS.asc: BAD signature by key " in "\n" + err
     assert "SHA256SUMS was changed after it was signed" in err
@@ -193,7 +193,7 @@ def test_a_signed_release_cannot_be_recorded_again(
     for args in (("release", "record", "1.0.0", "--force"),
                  ("release", "set", "1.0.0", "smoke", "--version", "1.1", "--force"),
                  ("release", "set-patches", "1.0.0", "repos/Rocky8/p.tar.gz", "--force")):
-        code, out, err = run(capsys, *args)
+        code, _out, err = run(capsys, *args)
         assert code == 2, (args, err)
         first = err.splitlines()[0]
         assert first.startswith("error: manifests/manifest.yaml: release 1.0.0 is signed (key "
