@@ -273,18 +273,22 @@ def release_set_patches_cmd(name: str, path: str, sha256: str | None, force: boo
 @mirror_url_option
 @site_option
 def release_verify_cmd(name: str, mirror_url: str | None, site_file: Path | None) -> None:
-    """Check every file of RELEASE on the mirror (size and sha256); exit 1 on any mismatch."""
+    """Check every file of RELEASE on the mirror (size and sha256), and first the signature
+    of a signed release (manifests/keys/); exit 1 on any mismatch."""
     from osimage.release import commands as release
+    from osimage.release import sign
 
     root = project_root()
     rel = release.load(root).get(name)
     reader = release.open_reader(root, site_file, mirror_url)
-    from osimage.release import sign
-
-    click.echo(sign.verify_signature(root, rel, reader))
+    signature = sign.verify_signature(root, rel, reader)
+    if signature is not None:
+        click.echo(signature)
     rows = release.verify(rel, reader)
     click.echo(release.verify_table(rows))
     click.echo(release.require_verified(rel, rows, reader))
+    if signature is None:
+        click.echo(f"release {name}: not signed (./build.py release sign {name})")
 
 
 @release_group.command("sign")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from osimage import netreason
 from osimage.errors import ConfigError
 from osimage.features.patches import PATCH_DIR, SUFFIX
 from osimage.publish.mirror import LocalMirror
@@ -56,7 +57,8 @@ def _read_side_file(reader: MirrorReader, path: str) -> bytes | None:
     try:
         r = requests.get(reader.url(path), timeout=release.HTTP_TIMEOUT)
     except requests.RequestException as e:
-        raise ReleaseError(f"{reader.describe()}: cannot get {path}: {e}") from None
+        raise ReleaseError(f"{reader.describe()}: cannot get {path}: "
+                           f"{netreason.reason(e)}") from None
     if r.status_code == 404:
         return None
     if r.status_code != 200:

@@ -272,16 +272,17 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def verify_signature(root: Path, rel: Release, reader: MirrorReader) -> str:
+def verify_signature(root: Path, rel: Release, reader: MirrorReader) -> str | None:
     """Check releases/X/SHA256SUMS(.asc) on the mirror: a good signature by a key of
-    manifests/keys/, and the same files and sha256s as the record. A release never signed
-    (not marked, nothing on the mirror) is said so; the file checks follow either way."""
+    manifests/keys/, the file signed (its sha256 in manifest.yaml) and the same files and
+    sha256s as the record. None for a release manifest.yaml does not mark signed; the file
+    checks follow either way."""
     signed = signed_of(root, rel.name)
+    if signed is None:
+        return None
     base = release_dir(rel.name)
     data = _read_side_file(reader, f"{base}/{SUMS}")
     sig = _read_side_file(reader, f"{base}/{SIGNATURE}")
-    if signed is None and data is None and sig is None:
-        return f"release {rel.name}: not signed"
     for path, got in ((f"{base}/{SUMS}", data), (f"{base}/{SIGNATURE}", sig)):
         if got is None:
             raise ReleaseError(f"{path}: missing on the {reader.describe()} (release "
@@ -293,7 +294,7 @@ def verify_signature(root: Path, rel: Release, reader: MirrorReader) -> str:
         key = check_signature(root, Path(tmp) / SUMS, Path(tmp) / SIGNATURE,
                               f"{base}/{SIGNATURE}")
     _require_same_files(rel, data.decode(errors="replace"), f"{base}/{SUMS}")
-    if signed is not None and hashlib.sha256(data).hexdigest() != signed.sha256sums:
+    if hashlib.sha256(data).hexdigest() != signed.sha256sums:
         raise ReleaseError(f"{base}/{SUMS}: not the file signed on {signed.date} "
                            f"(sha256 differs from {MANIFEST})")
     return f"release {rel.name}: {SUMS} signed by {key} (a key of {KEYS_DIR}/)"
