@@ -69,7 +69,7 @@ class Setup:
 
     def site(self, key: str) -> None:
         (self.repo / "site.yaml").write_text(
-            f"mirror:\n  url: {self.mirror}\n  http: {self.http}\nsigning:\n  key: {key}\n")
+            f"mirror:\n  url: {self.mirror}\n  http: {self.http}\nsigning:\n  key: '{key}'\n")
 
     def file(self, path: str) -> Path:
         return self.mirror / path
@@ -224,3 +224,45 @@ def test_sign_and_verify_over_the_ssh_mirror(
         assert code == 0, err
         assert f"SHA256SUMS signed by {setup.keys.trusted}" in out
         assert f"all 2 files match mirror {http.url}" in out
+
+
+def test_a_missing_or_malformed_signing_key_is_one_line_exit_2(
+        setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = (setup.repo / MANIFEST).read_text()
+    setup.site("DEADBEEF")
+    code, _, err = run(capsys, "release", "sign", "1.0.0")
+    assert code == 2
+    assert err.startswith("error: site.yaml: signing.key: ") and "40-digit fingerprint" in err
+    (setup.repo / "site.yaml").write_text(f"mirror:\n  url: {setup.mirror}\n")
+    code, _, err = run(capsys, "release", "sign", "1.0.0")
+    assert code == 2
+    assert err.startswith("error: site.yaml: signing.key: no signing key named\n")
+    # a key gpg does not have: one line naming it, nothing signed or published
+    setup.site("0" * 40)
+    code, _, err = run(capsys, "release", "sign", "1.0.0")
+    assert code == 1, err
+    assert err.splitlines()[-2] == (f"error: signing.key {'0' * 40}: no secret key for it in your "
+                                    "keyring; nothing was signed")
+    assert "Traceback" not in err
+    assert not setup.file("releases").exists()
+    assert (setup.repo / MANIFEST).read_text() == manifest
+
+
+def test_a_signing_stopped_before_recording_is_completed_by_signing_again(
+        setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    """Published but not marked signed (the process was killed in between): the files on
+    the mirror are taken as they are, never signed anew (they could not be replaced)."""
+    manifest = (setup.repo / MANIFEST).read_text()
+    assert run(capsys, "release", "sign", "1.0.0")[0] == 0
+    published = {p: p.read_bytes() for p in setup.mirror.rglob("SHA256SUMS*")}
+    (setup.repo / MANIFEST).write_text(manifest)
+    code, _, err = run(capsys, "release", "sign", "1.0.0")
+    assert code == 0, err
+    assert "releases/1.0.0/SHA256SUMS.asc already on the mirror, signed by" in err
+    assert {p: p.read_bytes() for p in setup.mirror.rglob("SHA256SUMS*")} == published
+    assert run(capsys, "release", "verify", "1.0.0")[0] == 0
+    # a signature that went missing from the mirror
+    setup.file("releases/1.0.0/SHA256SUMS.asc").unlink()
+    code, _out, err = run(capsys, "release", "verify", "1.0.0")
+    assert code == 1
+    assert err.startswith("error: releases/1.0.0/SHA256SUMS.asc: missing on the mirror http")

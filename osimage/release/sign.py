@@ -51,7 +51,7 @@ GPG_TIMEOUT = 300.0  # the user's agent may be asking for a passphrase
 STATUS = "[GNUPG:] "
 # gpg's INV_SGNR reasons (doc/DETAILS)
 INVALID_SIGNER = {"1": "not found in your keyring", "2": "ambiguous", "3": "not usable to sign",
-                  "4": "revoked", "5": "expired", "9": "no secret key for it",
+                  "4": "revoked", "5": "expired", "9": "no secret key for it in your keyring",
                   "13": "disabled"}
 
 
