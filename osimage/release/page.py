@@ -223,7 +223,7 @@ def views(root: Path, reader: MirrorReader) -> list[ReleaseView]:
     previous: Release | None = None
     for name in m.names:
         rel = m.get(name)
-        signed = signed_of(root, name)
+        signed = signed_of(root, name, m.doc)
         images = [ImageView(image, e.version, e.git_commit,
                             [_file_view(f.path, f.size, f.sha256, f.kind) for f in e.files],
                             package_changes(reader, image, e, previous))

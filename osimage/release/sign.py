@@ -71,8 +71,12 @@ class Signed:
         return {"key": self.key, "date": self.date, "sha256sums": self.sha256sums}
 
 
-def signed_of(root: Path, name: str) -> Signed | None:
-    data = release.load(root).doc["releases"].get(name)
+def signed_of(root: Path, name: str, doc: Any = None) -> Signed | None:
+    """What manifest.yaml (doc: its parsed document, else read now) records of name's
+    signature; None when it is not signed."""
+    if doc is None:
+        doc = release.load(root).doc
+    data = doc["releases"].get(name)
     signed = data.get("signed") if data is not None else None
     if signed is None:
         return None
