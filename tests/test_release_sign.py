@@ -9,6 +9,7 @@ manifests/keys/; the stranger's key signs in the refusal cases.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -266,3 +267,42 @@ def test_a_signing_stopped_before_recording_is_completed_by_signing_again(
     code, _out, err = run(capsys, "release", "verify", "1.0.0")
     assert code == 1
     assert err.startswith("error: releases/1.0.0/SHA256SUMS.asc: missing on the mirror http")
+
+
+def test_a_passphrase_protected_key_signs_through_the_agent(
+        setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The passphrase reaches the user's gpg-agent (preset here, as a pinentry would), never
+    osimage: without it, signing fails in one line and nothing is published."""
+    home = Path(tempfile.mkdtemp(prefix="osimage-test-gpg-"))
+    try:
+        home.chmod(0o700)
+        (home / "gpg-agent.conf").write_text("allow-preset-passphrase\n")
+        gpg(home, "--pinentry-mode", "loopback", "--passphrase-fd", "0", "--quick-gen-key",
+            "Locked <locked@osimage.invalid>", "ed25519", "sign", "never", data=b"s3cret")
+        colons = gpg(home, "--with-colons", "--with-keygrip", "--list-secret-keys").decode()
+        fpr = next(ln.split(":")[9] for ln in colons.splitlines() if ln.startswith("fpr:"))
+        grip = next(ln.split(":")[9] for ln in colons.splitlines() if ln.startswith("grp:"))
+        (setup.repo / "manifests" / "keys" / "locked.asc").write_bytes(
+            gpg(home, "--armor", "--export", fpr))
+        monkeypatch.setenv("GNUPGHOME", str(home))
+        monkeypatch.delenv("GPG_TTY", raising=False)
+        setup.site(fpr)
+        code, _, err = run(capsys, "release", "sign", "1.0.0")
+        assert code == 1
+        assert f"\nerror: gpg could not sign with key {fpr}: signing failed: " in "\n" + err
+        assert "; nothing was signed\n" in err
+        assert not setup.file("releases").exists()
+
+        subprocess.run(["/usr/lib/gnupg/gpg-preset-passphrase", "--preset", grip],
+                       input=b"s3cret", check=True, env={**os.environ, "GNUPGHOME": str(home)})
+        code, out, err = run(capsys, "release", "sign", "1.0.0")
+        assert code == 0, err
+        assert f"release 1.0.0 signed by {fpr}" in out
+        assert run(capsys, "release", "verify", "1.0.0")[0] == 0
+        written = [p.read_bytes() for p in (*setup.mirror.rglob("*"), setup.repo / MANIFEST)
+                   if p.is_file()]
+        assert not any(b"s3cret" in data for data in written)
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False)
+        shutil.rmtree(home, ignore_errors=True)
