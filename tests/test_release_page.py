@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, make_repo
 from tests.servers import HTTPServer
 from tests.test_release_sign import Keys, gpg, keys  # noqa: F401 (the module's gpg keys)
 from tests.test_tidy import add_build, make_image_repo, run
@@ -191,3 +191,24 @@ def test_publish_index_without_signing(
     assert run(capsys, "release", "record", "1.0.1")[0] == 0
     assert run(capsys, "release", "publish-index")[0] == 0
     assert ">1.0.1</a>" in (mirror / "releases/index.html").read_text()
+
+
+def test_the_page_templates_are_no_build_input(tmp_path: Path) -> None:
+    """Editing a release page must not make every image out of date (templates/ is an input
+    of every build, templates/release/ is not)."""
+    from osimage import config
+    from osimage.build.context import BuildContext
+    from osimage.build.inputs import inputs_hash
+
+    root = make_repo(tmp_path / "repo")
+    ctx = BuildContext(root=root, image=config.load_image(root, "smoke"),
+                       site=config.load_site(root, None), git=None,  # type: ignore[arg-type]
+                       version="1.0", release=None, work_dir=tmp_path / "work",
+                       source_checksum="sha256:" + "0" * 64)
+    before = inputs_hash(ctx)
+    page = root / "templates" / "release" / "release.html.j2"
+    page.write_text(page.read_text() + "<p>changed</p>\n")
+    assert inputs_hash(ctx) == before
+    hcl = root / "templates" / "qemu.pkr.hcl.j2"
+    hcl.write_text(hcl.read_text() + "\n")
+    assert inputs_hash(ctx) != before
