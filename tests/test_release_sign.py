@@ -143,7 +143,8 @@ def test_a_key_not_in_manifests_keys_is_refused_naming_it(
     code, _, err = run(capsys, "release", "sign", "1.0.0")
     assert code == 1
     assert ("\nerror: releases/1.0.0/SHA256SUMS.asc: signed by key "
-            f"{setup.keys.stranger}, which is not in manifests/keys/; refused\n") in err
+            f"{setup.keys.stranger}, which is not in manifests/keys/; refused; nothing was "
+            "published\n") in err
     assert "Traceback" not in err
     assert not setup.file("releases").exists()
     assert (setup.repo / MANIFEST).read_text() == manifest

@@ -256,7 +256,12 @@ def sign(root: Path, name: str, site_file: Path | None, mirror_url: str | None,
             say(f"    {shown} already on the mirror, signed by {fingerprint}")
         else:
             signer = sign_detached(key, sums, asc)
-            fingerprint = check_signature(root, sums, asc, shown)
+            try:
+                fingerprint = check_signature(root, sums, asc, shown)
+            except ReleaseError as e:
+                raise ReleaseError(f"{e.message}; nothing was published",
+                                   hint=f"gpg --armor --export {key} > {KEYS_DIR}/NAME.asc, "
+                                        "commit it, and sign again") from None
             say(f"    signed {SUMS} ({len(rows)} files) with {signer}")
         artifacts = [record_artifact(sums), record_artifact(asc)]
         mirror = open_mirror(site.mirror_url, root, site.data["mirror"], accept_new_host_key)
