@@ -248,6 +248,16 @@ def test_a_missing_or_malformed_signing_key_is_one_line_exit_2(
     assert "Traceback" not in err
     assert not setup.file("releases").exists()
     assert (setup.repo / MANIFEST).read_text() == manifest
+    # no key in manifests/keys/: nothing to check a signature with, said before any hashing
+    setup.site(setup.keys.trusted)
+    (setup.repo / "manifests" / "keys" / "release-team.asc").unlink()
+    code, _, err = run(capsys, "release", "sign", "1.0.0")
+    assert code == 2
+    assert err.splitlines()[0] == ("error: manifests/keys/: no public keys (*.asc) to check "
+                                   "signatures with")
+    assert "match" not in err
+    assert not setup.file("releases").exists()
+    assert (setup.repo / MANIFEST).read_text() == manifest
 
 
 def test_a_signing_stopped_before_recording_is_completed_by_signing_again(

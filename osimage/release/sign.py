@@ -127,6 +127,21 @@ def _gpg(args: list[str], home: Path | None = None, timeout: float = GPG_TIMEOUT
     return GpgResult(proc.returncode, status, proc.stderr)
 
 
+def _invalid_signer(key: str, reason: str) -> ReleaseError:
+    why = INVALID_SIGNER.get(reason, f"unusable (gpg reason {reason})")
+    return ReleaseError(f"signing.key {key}: {why}; nothing was signed",
+                        hint="gpg --list-secret-keys shows the keys you can sign with "
+                             "(GNUPGHOME selects another keyring)")
+
+
+def require_secret_key(root: Path, key: str) -> None:
+    """Before hashing a whole release: the key is in the user's keyring with its secret half,
+    and manifests/keys/ has keys to check its signature with."""
+    key_files(root)
+    if _gpg(["--with-colons", "--list-secret-keys", key]).returncode != 0:
+        raise _invalid_signer(key, "9")
+
+
 def sign_detached(key: str, data: Path, out: Path) -> str:
     """Sign data with key from the user's keyring or agent; return the signing fingerprint."""
     result = _gpg(["--local-user", key, "--armor", "--detach-sign", "--output", str(out),
@@ -136,23 +151,25 @@ def sign_detached(key: str, data: Path, out: Path) -> str:
         return created[-1]
     invalid = result.first("INV_SGNR")
     if invalid is not None:
-        why = INVALID_SIGNER.get(invalid[0], f"unusable (gpg reason {invalid[0]})")
-        raise ReleaseError(f"signing.key {key}: {why}; nothing was signed",
-                           hint="gpg --list-secret-keys shows the keys you can sign with "
-                                "(GNUPGHOME selects another keyring)")
+        raise _invalid_signer(key, invalid[0])
     raise ReleaseError(f"gpg could not sign with key {key}: {result.reason()}; nothing was "
                        "signed", hint="unlock the key in your gpg-agent, or set GPG_TTY for "
                                       "its pinentry (export GPG_TTY=$(tty))")
 
 
-@contextlib.contextmanager
-def project_keyring(root: Path) -> Iterator[tuple[Path, set[str]]]:
-    """A temporary GNUPGHOME holding manifests/keys/*.asc, and their primary fingerprints."""
+def key_files(root: Path) -> list[Path]:
     files = sorted((root / KEYS_DIR).glob("*.asc"))
     if not files:
         raise ConfigError(f"{KEYS_DIR}/: no public keys (*.asc) to check signatures with",
                           hint=f"gpg --armor --export FINGERPRINT > {KEYS_DIR}/NAME.asc, "
                                "then commit it")
+    return files
+
+
+@contextlib.contextmanager
+def project_keyring(root: Path) -> Iterator[tuple[Path, set[str]]]:
+    """A temporary GNUPGHOME holding manifests/keys/*.asc, and their primary fingerprints."""
+    files = key_files(root)
     # short path: gpg's socket names must fit in a sockaddr_un
     home = Path(tempfile.mkdtemp(prefix="osimage-gpg-"))
     try:
@@ -235,6 +252,7 @@ def sign(root: Path, name: str, site_file: Path | None, mirror_url: str | None,
         return done
     key = signing_key(root, site_file)
     text = sums_text(rel)
+    require_secret_key(root, key)
     reader = release.open_reader(root, site_file, mirror_url)
     rows = release.verify(rel, reader)
     release.require_verified(rel, rows, reader)  # sign only what the mirror holds
