@@ -95,7 +95,7 @@ class PatchView:
 class ReleaseView:
     name: str
     description: str
-    date: str
+    date: str  # "": not committed yet
     signed: Signed | None
     images: list[ImageView]
     patches: PatchView | None
@@ -228,7 +228,7 @@ def views(root: Path, reader: MirrorReader) -> list[ReleaseView]:
                             [_file_view(f.path, f.size, f.sha256, f.kind) for f in e.files],
                             package_changes(reader, image, e, previous))
                   for image, e in rel.images.items()]
-        date = signed.date[:10] if signed is not None else dates.get(name, "not committed yet")
+        date = signed.date[:10] if signed is not None else dates.get(name, "")
         out.append(ReleaseView(name=name, description=rel.description or "", date=date,
                                signed=signed, images=images, patches=_patch_view(reader, rel),
                                href=f"{quote(name)}/index.html"))
