@@ -184,6 +184,7 @@ def release_group() -> None:
       ./build.py release set-patches 2.4.0 repos/Rocky8/rocky8-patches-20261126.tar.gz
       ./build.py release verify 2.4.0          every file on the mirror, size and sha256
       ./build.py release diff 2.3.0 2.4.0
+      ./build.py release sign 2.4.0            SHA256SUMS + .asc and the release pages
     """
 
 
@@ -272,15 +273,55 @@ def release_set_patches_cmd(name: str, path: str, sha256: str | None, force: boo
 @mirror_url_option
 @site_option
 def release_verify_cmd(name: str, mirror_url: str | None, site_file: Path | None) -> None:
-    """Check every file of RELEASE on the mirror (size and sha256); exit 1 on any mismatch."""
+    """Check every file of RELEASE on the mirror (size and sha256), and first the signature
+    of a signed release (manifests/keys/); exit 1 on any mismatch."""
     from osimage.release import commands as release
+    from osimage.release import sign
 
     root = project_root()
     rel = release.load(root).get(name)
     reader = release.open_reader(root, site_file, mirror_url)
+    signature = sign.verify_signature(root, rel, reader)
+    if signature is not None:
+        click.echo(signature)
     rows = release.verify(rel, reader)
     click.echo(release.verify_table(rows))
     click.echo(release.require_verified(rel, rows, reader))
+    if signature is None:
+        click.echo(f"release {name}: not signed (./build.py release sign {name})")
+
+
+@release_group.command("sign")
+@click.argument("name", metavar="RELEASE")
+@mirror_url_option
+@host_key_option
+@site_option
+def release_sign_cmd(name: str, mirror_url: str | None, accept_new_host_key: bool,
+                     site_file: Path | None) -> None:
+    """Sign RELEASE: releases/RELEASE/SHA256SUMS and SHA256SUMS.asc (gpg, the site's
+    signing.key) published to the mirror, then the release pages. A signed release never
+    changes."""
+    from osimage.release import page, sign
+
+    root = project_root()
+    signed = sign.sign(root, name, site_file, mirror_url, accept_new_host_key,
+                       _reporter().info)
+    for line in page.publish_index(root, site_file, mirror_url, accept_new_host_key):
+        click.echo(line)
+    click.echo(f"release {name} signed by {signed.key} on {signed.date}")
+
+
+@release_group.command("publish-index")
+@mirror_url_option
+@host_key_option
+@site_option
+def release_publish_index_cmd(mirror_url: str | None, accept_new_host_key: bool,
+                              site_file: Path | None) -> None:
+    """Write the release pages (releases/index.html, releases/X/index.html) to the mirror."""
+    from osimage.release import page
+
+    for line in page.publish_index(project_root(), site_file, mirror_url, accept_new_host_key):
+        click.echo(line)
 
 
 @release_group.command("show")

@@ -29,6 +29,8 @@ APT_PACKAGES=(
     shellcheck
     # --debug: the serial console command it prints (socat -,raw,echo=0 UNIX-CONNECT:...)
     socat
+    # release sign/verify (gpg) and the release page's test in a headless browser
+    gnupg chromium
 )
 
 missing=()

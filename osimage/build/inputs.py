@@ -3,7 +3,8 @@ before the build takes its work folder (so "up to date" is said before any VM) a
 render step, which records it. Both use inputs_hash(), so the two cannot disagree.
 
 What it covers (README.md, "Incremental builds"), each part behind its own label:
-  - every file of the image folder and of templates/ (path and bytes; manifest.json left out),
+  - every file of the image folder and of templates/ (path and bytes; manifest.json left out,
+    and templates/release/: the release pages on the mirror, never in an image),
   - the source: its kind (disk or iso), its checksum (image.yaml, or the site's sources.IMAGE
     override), and the bytes of the script that prepares it,
   - the backend (qemu or libvirt: another template, another builder),
@@ -82,9 +83,11 @@ def inputs_hash(ctx: BuildContext, checksum: str | None = None) -> str:
     import hashlib
 
     h = hashlib.sha256()
+    pages = ctx.root / "templates" / "release"
     for folder in (ctx.image.directory, ctx.root / "templates"):
         for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.name not in ("manifest.json", "manifest.json.lock"):
+            if path.is_file() and path.name not in ("manifest.json", "manifest.json.lock") \
+                    and not path.is_relative_to(pages):
                 h.update(str(path.relative_to(ctx.root)).encode() + b"\0")
                 h.update(path.read_bytes() + b"\0")
     src, _, _ = source_of(ctx)

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from osimage import config, netreason
 from osimage.build.gitstate import RELEASE
-from osimage.errors import ConfigError
+from osimage.errors import EXIT_USAGE, ConfigError
 from osimage.publish.artifacts import CHUNK, ThreadedHasher
 from osimage.publish.mirror import LocalMirror, Measured
 from osimage.release import image_manifest as manifest
@@ -269,7 +269,23 @@ def set_image(root: Path, name: str, image: str, entry: ImageEntry, force: bool,
     return load(root).get(name)
 
 
+class SignedRelease(ReleaseError):
+    """A signed release's files never change: bad usage, not a failure."""
+
+    exit_code = EXIT_USAGE
+
+
+def refuse_signed(doc: Any, name: str) -> None:
+    """Even with --force: SHA256SUMS on the mirror is signed (osimage/release/sign.py)."""
+    signed = doc["releases"].get(name, {}).get("signed") if name in doc["releases"] else None
+    if signed is not None:
+        raise SignedRelease(f"{MANIFEST}: release {name} is signed (key {signed.get('key')}, "
+                            f"{signed.get('date')}); a signed release never changes",
+                            hint="record a new release instead")
+
+
 def _refuse_existing(doc: Any, name: str, image: str | None, force: bool) -> None:
+    refuse_signed(doc, name)
     if force or name not in doc["releases"]:
         return
     if image is None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from osimage import netreason
 from osimage.errors import ConfigError
 from osimage.features.patches import PATCH_DIR, SUFFIX
 from osimage.publish.mirror import LocalMirror
@@ -56,7 +57,8 @@ def _read_side_file(reader: MirrorReader, path: str) -> bytes | None:
     try:
         r = requests.get(reader.url(path), timeout=release.HTTP_TIMEOUT)
     except requests.RequestException as e:
-        raise ReleaseError(f"{reader.describe()}: cannot get {path}: {e}") from None
+        raise ReleaseError(f"{reader.describe()}: cannot get {path}: "
+                           f"{netreason.reason(e)}") from None
     if r.status_code == 404:
         return None
     if r.status_code != 200:
@@ -127,6 +129,7 @@ def set_patches(root: Path, name: str, path: str, sha256: str | None, force: boo
 
 
 def _refuse_other(doc: Any, name: str, path: str, force: bool) -> None:
+    release.refuse_signed(doc, name)
     current = doc["releases"].get(name, {}).get("patches") if name in doc["releases"] else None
     if force or current is None or current.get("path") == path:
         return
