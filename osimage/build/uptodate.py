@@ -76,8 +76,8 @@ def early_hash(ctx: BuildContext, dirty_ok: bool = False) -> tuple[inputs.Inputs
             return None, f"its source is not made yet ({src['prepare']} runs)"
     try:
         return inputs.compute(ctx, inputs.source_checksum(ctx)), ""
-    except (ConfigError, OSError):
-        return None, "its source's checksum cannot be read yet"
+    except (ConfigError, OSError) as e:
+        return None, f"its inputs cannot be read yet ({e})"
 
 
 def changes(recorded: Any, now: dict[str, str]) -> tuple[Change, ...] | None:
