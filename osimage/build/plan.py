@@ -87,11 +87,9 @@ def select(root: Path, names: Sequence[str],
     as refused, and so is whatever needs it."""
     known = config.list_images(root)
     named = list(dict.fromkeys(names)) if names else known
-    for name in named:
-        config.load_image(root, name)  # an unknown name: one line, exit 2
     found: dict[str, tuple[str | None, str | None]] = {}
     added_for: dict[str, str] = {}
-    todo = list(named)
+    todo = list(named)  # the named ones first: an unknown name is the error (exit 2)
     while todo:
         name = todo.pop(0)
         if name in found:
