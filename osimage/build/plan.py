@@ -147,9 +147,6 @@ def judge(root: Path, nodes: list[Node], options: Callable[[str], BuildOptions])
             rows[node.name] = Row(node, True, f"builds after its parent {rebuilt[0]}, whose "
                                   "new disk is an input")
             continue
-        if opts.rebuild:
-            rows[node.name] = Row(node, True, "builds: --rebuild")
-            continue
         try:
             ctx = pipeline.start(root, replace(opts, skip_commit=True), _Silent())
         except ConfigError as e:
