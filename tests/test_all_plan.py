@@ -263,3 +263,20 @@ def test_ctrl_c_stops_the_run_and_starts_no_further_image(
     assert "Traceback" not in err
     assert len(builds(repo, "smoke2")) == count
     assert not qemu_pids(repo)
+
+
+def test_a_cycle_through_an_embedded_image_is_one_line(tmp_path: Path) -> None:
+    """loop-a embeds loop-b, whose parent is loop-a: no order exists (exit 2, nothing run)."""
+    root = make_repo(tmp_path / "repo")
+    add_smoke_like(root, "loop-a", extra_yaml="payload:\n  image: loop-b\n"
+                                              "  destination: /data/payload\n")
+    add_child(root, "loop-b", CHILD_YAML.replace("parent: smoke", "parent: loop-a"))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "a cycle")
+    for args in (("plan",), ("plan", "loop-b"), ("all", "loop-b", "--release", "1.0")):
+        proc = build_py(root, *args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines() == [
+            "error: images/loop-a/image.yaml: parent, payload.image: a cycle of images each "
+            "built before the next: loop-a -> loop-b -> loop-a"], proc.stderr
+        assert proc.stdout == ""

@@ -75,8 +75,10 @@ def _order(found: dict[str, tuple[str | None, str | None]]) -> list[str]:
         while (nxt := min(needs[cycle[-1]])) not in cycle:
             cycle.append(nxt)
         cycle.append(nxt)
-        raise ConfigError(f"images/{start}/image.yaml: parent: a cycle: "
-                          f"{' -> '.join(cycle[cycle.index(nxt):])}")
+        # parents alone cannot loop (config.load_image refuses it): an embedded image is in it
+        raise ConfigError(f"images/{start}/image.yaml: parent, payload.image: a cycle of "
+                          f"images each built before the next: "
+                          f"{' -> '.join(reversed(cycle[cycle.index(nxt):]))}")
     return out
 
 
