@@ -160,7 +160,7 @@ def render_cmd(image: str, release: str | None, site_file: Path | None,
 images_argument = click.argument("images", nargs=-1, metavar="[IMAGE]...")
 
 
-@cli.command("plan")
+@cli.command("plan", short_help="The build order, and for each image what changed.")
 @images_argument
 @release_option
 @site_option
@@ -174,7 +174,7 @@ def plan_cmd(images: tuple[str, ...], release: str | None, site_file: Path | Non
         click.echo(line)
 
 
-@cli.command("all")
+@cli.command("all", short_help="Build the images in order, reusing up-to-date ones.")
 @images_argument
 @release_option
 @click.option("--skip-commit", is_flag=True,
