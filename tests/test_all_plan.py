@@ -222,7 +222,8 @@ def test_plan_says_which_input_changed(
     assert rows["smoke-child"][1] == f"up to date (build {old['smoke-child']['version']})"
     before = old["smoke2"]["inputs"]["image folder"][:12]
     assert re.fullmatch(rf"builds: changed since build {old['smoke2']['version']}: "
-                        rf"image folder {before} -> [0-9a-f]{{12}}", rows["smoke2"][1]), rows
+                        rf"image folder {before} -> [0-9a-f]{{12}} "
+                        r"\(images/smoke2/provision/marker\.sh\)", rows["smoke2"][1]), rows
 
     # a change to the parent: it and its child build, the child because of its parent
     marker = repo / "images" / "smoke" / "provision" / "marker.sh"
@@ -231,7 +232,8 @@ def test_plan_says_which_input_changed(
     again = plan_rows(build_py(repo, "plan", "smoke", "smoke2", "smoke-child").stdout)
     before = old["smoke"]["inputs"]["image folder"][:12]
     assert re.fullmatch(rf"builds: changed since build {old['smoke']['version']}: "
-                        rf"image folder {before} -> [0-9a-f]{{12}}", again["smoke"][1]), again
+                        rf"image folder {before} -> [0-9a-f]{{12}} "
+                        r"\(images/smoke/provision/marker\.sh\)", again["smoke"][1]), again
     assert again["smoke-child"][1] == ("builds after its parent smoke, whose new disk is an "
                                        "input")
     assert again["smoke2"] == rows["smoke2"]

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from osimage import config
-from osimage.build import gitstate, pipeline, uptodate
+from osimage import config, runner
+from osimage.build import gitstate, inputs, pipeline, uptodate
 from osimage.build.context import BuildOptions
-from osimage.errors import ConfigError
+from osimage.errors import ConfigError, FactoryError
 from osimage.ui import Reporter, table
 
 
@@ -155,8 +155,27 @@ def judge(root: Path, nodes: list[Node], options: Callable[[str], BuildOptions])
             rows[node.name] = Row(node, True, f"cannot start: {e.message}")
             continue
         verdict = uptodate.judge(ctx, dirty_ok=True)
-        rows[node.name] = Row(node, not verdict.fresh, verdict.plan)
+        rows[node.name] = Row(node, not verdict.fresh, verdict.plan + _files(root, node, verdict))
     return list(rows.values())
+
+
+def _files(root: Path, node: Node, verdict: uptodate.Verdict) -> str:
+    """The files of a changed folder input that git says differ from the recorded build's
+    commit (nothing when that commit is not in this clone)."""
+    folders = {inputs.IMAGE_FOLDER: f"images/{node.name}", inputs.TEMPLATES: "templates"}
+    paths = [folders[c.name] for c in verdict.changes if c.name in folders]
+    if not paths or verdict.commit is None:
+        return ""
+    try:
+        out = runner.output(["git", "-C", str(root), "diff", "--name-only", "--no-renames",
+                             verdict.commit, "--", *paths], what="git diff")
+    except FactoryError:
+        return ""
+    names = [n for n in out.splitlines() if not n.endswith("/manifest.json")]
+    if not names:
+        return ""
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return f" ({', '.join(names[:5])}{more})"
 
 
 def show(root: Path, names: Sequence[str], release: str | None,

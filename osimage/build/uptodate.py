@@ -56,6 +56,7 @@ class Verdict:
     plan: str  # the same in a few words, for ./build.py plan
     version: str | None = None  # of the recorded build it was compared with
     changes: tuple[Change, ...] = ()
+    commit: str | None = None  # of the recorded build whose inputs differ
 
 
 def early_hash(ctx: BuildContext, dirty_ok: bool = False) -> tuple[inputs.Inputs | None, str]:
@@ -113,7 +114,8 @@ def judge(ctx: BuildContext, dirty_ok: bool = False) -> Verdict:
         return Verdict(False, f"the inputs changed since {label}: inputs hash "
                        f"{str(data.get('inputs_sha256'))[:12]} then, {found.total[:12]} now "
                        f"(changed: {which})",
-                       f"builds: changed since build {version}: {which}", version, diff or ())
+                       f"builds: changed since build {version}: {which}", version, diff or (),
+                       str(data.get("git_commit") or "") or None)
     if data.get("published") is not True:
         return Verdict(False, f"{label} has the same inputs but is not published",
                        f"builds: build {version} has the same inputs but is not published",
