@@ -35,7 +35,6 @@ libvirt:
   pool: {env.pool}
   network: {env.network}
   domain_type: qemu
-  driver: native
 """)
     return site
 

@@ -390,10 +390,14 @@ def remove_domain(dom: Any) -> None:
 
 class BuildDomain:
     """The build's overlay and domain, removed again on leaving (also on errors and Ctrl-C),
-    unless keep is set then (--keep-failed). Times of each phase are in .timings."""
+    unless keep is set then (--keep-failed). Times of each phase are in .timings; on_defined
+    is called between the domain's definition and its start."""
 
-    def __init__(self, conn: Any, spec: DomainSpec, source: Any, capacity: int = 0) -> None:
+    def __init__(self, conn: Any, spec: DomainSpec, source: Any, capacity: int = 0,
+                 on_defined: Callable[[], None] | None = None) -> None:
         self.conn, self.spec, self.source, self.capacity = conn, spec, source, capacity
+        self.on_defined = on_defined
+        self.started_at = 0.0  # monotonic time of the domain's definition
         self.dom: Any = None
         self.overlay: Any = None
         self.keep = False
@@ -409,10 +413,12 @@ class BuildDomain:
                                               self.source, self.capacity)
                 stack.callback(self._remove_overlay)
                 self.timings["overlay"] = time.monotonic() - t0
-                t0 = time.monotonic()
+                t0 = self.started_at = time.monotonic()
                 self.dom = self.conn.defineXML(domain_xml(self.spec))
                 stack.callback(self._remove_domain)
                 self.timings["define"] = time.monotonic() - t0
+                if self.on_defined is not None:
+                    self.on_defined()
                 check_interrupted()
                 t0 = time.monotonic()
                 self.dom.create()
