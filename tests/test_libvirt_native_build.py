@@ -26,26 +26,36 @@ from tests.test_build import read_marker
 pytestmark = pytest.mark.vm
 
 
-def native_site(repo: Path, env: NetnsLibvirt) -> Path:
+def native_site(repo: Path, env: NetnsLibvirt, uri: str | None = None,
+                network: str | None = None, extra: str = "") -> Path:
+    """The site of a native build on the namespaced hypervisor (driver left to its default)."""
     site = repo / "site.yaml"  # git-ignored
     site.write_text(f"""\
 backend: libvirt
 libvirt:
-  uri: "{env.uri}"
+  uri: "{uri or env.uri}"
   pool: {env.pool}
-  network: {env.network}
+  network: {network or env.network}
   domain_type: qemu
-""")
+{extra}""")
     return site
 
 
-def build_in_netns(env: NetnsLibvirt, repo: Path, *args: str,
-                   timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def user_env() -> dict[str, str]:
     full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
     full_env.pop("OSIMAGE_ROOT", None)
-    return env.exec([sys.executable, str(repo / "build.py"), *args, "--site",
-                     str(repo / "site.yaml")], cwd=repo, timeout=timeout, env=full_env,
-                    stdin=subprocess.DEVNULL)
+    return full_env
+
+
+def build_argv(repo: Path, *args: str) -> list[str]:
+    return [sys.executable, str(repo / "build.py"), *args, "--site", str(repo / "site.yaml")]
+
+
+def build_in_netns(env: NetnsLibvirt, repo: Path, *args: str, timeout: float = 300,
+                   ssh_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(env.user_argv(build_argv(repo, *args), ssh_dir), cwd=repo,
+                          timeout=timeout, env=user_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, check=False)
 
 
 def leftovers(env: NetnsLibvirt) -> list[str]:
