@@ -66,7 +66,12 @@ def step_connect(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     if s.bridge:
         raise ConfigError(f"{s.shown}: libvirt.bridge: driver native needs a managed network "
                           f"for now (libvirt.network)")
-    build.conn = lv.connect(s.uri)
+    libvirt = lv.libvirt_module()
+    try:
+        build.conn = lv.connect(s.uri)
+    except (libvirt.libvirtError, TimeoutError) as e:
+        raise BuildError(f"cannot connect to {s.uri}: {lv.error_text(e)}",
+                         hint=lv.connect_hint(s.uri)) from None
     stack.callback(_close, build.conn)
     ctx.reporter.info(f"    {s.uri}: pool {s.pool}, network {s.network or s.bridge}")
 
