@@ -320,7 +320,8 @@ class HypervisorSSHD(SSHServer):
     is the bastion). Key login as root; known_hosts trusts its host key."""
 
     def __init__(self, env: NetnsLibvirt) -> None:
-        super().__init__(user="root")
+        # DEBUG1: the log names each forwarded connection's target (the bastion's work)
+        super().__init__(user="root", extra_config=("LogLevel DEBUG1",))
         self.env = env
 
     def uri(self, **params: str) -> str:

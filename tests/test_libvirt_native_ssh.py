@@ -48,6 +48,10 @@ def test_smoke_through_qemu_ssh_with_the_hypervisor_as_bastion(
     print(f"native smoke build through qemu+ssh://: {time.monotonic() - t0:.1f} s")
     assert proc.returncode == 0, proc.stderr
     assert f"through root@127.0.0.1 port {hypervisor.port})" in proc.stderr, proc.stderr
+    # Packer's SSH went through the hypervisor's sshd, to the guest's address
+    m = re.search(r"guest address (\S+) ", proc.stderr)
+    assert m is not None
+    assert f"target {m.group(1)} port 22" in hypervisor.log.read_text(errors="replace")
     hcl = (repo / "build" / "smoke" / version / "smoke.pkr.hcl").read_text()
     assert 'ssh_bastion_host     = "127.0.0.1"' in hcl
     assert f'ssh_bastion_private_key_file = "{hypervisor.client_key}"' in hcl
