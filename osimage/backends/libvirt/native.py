@@ -397,7 +397,6 @@ class BuildDomain:
                  on_defined: Callable[[], None] | None = None) -> None:
         self.conn, self.spec, self.source, self.capacity = conn, spec, source, capacity
         self.on_defined = on_defined
-        self.started_at = 0.0  # monotonic time of the domain's definition
         self.dom: Any = None
         self.overlay: Any = None
         self.keep = False
@@ -413,7 +412,7 @@ class BuildDomain:
                                               self.source, self.capacity)
                 stack.callback(self._remove_overlay)
                 self.timings["overlay"] = time.monotonic() - t0
-                t0 = self.started_at = time.monotonic()
+                t0 = time.monotonic()
                 self.dom = self.conn.defineXML(domain_xml(self.spec))
                 stack.callback(self._remove_domain)
                 self.timings["define"] = time.monotonic() - t0

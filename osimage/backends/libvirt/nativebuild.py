@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import shlex
 import tempfile
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import TracebackType
@@ -139,7 +138,7 @@ def _bastion(ctx: BuildContext, build: plugin_steps.LibvirtBuild) -> lv.SSHBasti
         return None
     net = build.conn.networkLookupByName(build.settings.network or "default")
     forward = ET.fromstring(net.XMLDesc(0)).find("forward")  # noqa: S314 - libvirt's own XML
-    if forward is not None and forward.get("mode", "nat") not in ("nat",):
+    if forward is not None and forward.get("mode", "nat") != "nat":
         return None  # routed, open or a host bridge: the guest is reached directly
     result = runner.run([*bastion.ssh_argv(), bastion.destination, "true"], check=False,
                         what="ssh to the hypervisor")
@@ -209,7 +208,6 @@ def step_boot(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                       f"started in {sum(vm.timings.values()):.1f} s; waiting for its address "
                       f"from {s.address_source} (at most {timeout:.0f} s)")
     addr = native.wait_for_address(vm.dom, s.address_source, timeout=timeout)
-    vm.timings["address"] = time.monotonic() - vm.started_at
     bastion = _bastion(ctx, build)
     hcl, text = _write_hcl(ctx, addr, bastion)
     hcl.write_text(text)
