@@ -207,8 +207,9 @@ class SSHBastion:
         return argv
 
 
-def ssh_bastion(uri: str) -> SSHBastion | None:
-    """The bastion of a qemu+ssh:// URI; None for a local or non-SSH transport."""
+def ssh_bastion(uri: str, where: str = "libvirt.uri") -> SSHBastion | None:
+    """The bastion of a qemu+ssh:// URI; None for a local or non-SSH transport. where: how
+    errors name the URI's setting."""
     parts = urlsplit(uri)
     if not parts.scheme.endswith("+ssh") or not parts.hostname:
         return None
@@ -217,13 +218,13 @@ def ssh_bastion(uri: str) -> SSHBastion | None:
     try:
         port = parts.port or 22
     except ValueError:
-        raise ConfigError(f"libvirt.uri: {shown}: the port is not a number") from None
+        raise ConfigError(f"{where}: {shown}: the port is not a number") from None
     key = query.get("keyfile")
     if key is None and not os.environ.get("SSH_AUTH_SOCK"):
         home = Path("~/.ssh").expanduser()
         key = next((str(home / k) for k in DEFAULT_KEYS if (home / k).is_file()), None)
         if key is None:
-            raise ConfigError(f"libvirt.uri: {shown}: no key to reach the hypervisor's guests "
+            raise ConfigError(f"{where}: {shown}: no key to reach the hypervisor's guests "
                               f"through it: give ?keyfile=PATH, or run ssh-agent")
     return SSHBastion(host=parts.hostname, port=port,
                       user=unquote(parts.username) if parts.username else getpass.getuser(),

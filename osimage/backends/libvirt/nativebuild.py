@@ -65,6 +65,7 @@ def step_connect(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     if s.bridge:
         raise ConfigError(f"{s.shown}: libvirt.bridge: driver native needs a managed network "
                           f"for now (libvirt.network)")
+    lv.ssh_bastion(s.uri, f"{s.shown}: libvirt.uri")  # a URI without a key fails here, exit 2
     libvirt = lv.libvirt_module()
     try:
         build.conn = lv.connect(s.uri)
@@ -133,7 +134,7 @@ def _bastion(ctx: BuildContext, build: plugin_steps.LibvirtBuild) -> lv.SSHBasti
     """The hypervisor as SSH bastion when the guest is not routable from here: a qemu+ssh://
     hypervisor whose network is NAT or isolated. Packer 1.6.6 does not check a bastion's host
     key, so it is checked here first, by OpenSSH with the rules libvirt's ssh used."""
-    bastion = lv.ssh_bastion(build.settings.uri)
+    bastion = lv.ssh_bastion(build.settings.uri, f"{build.settings.shown}: libvirt.uri")
     if bastion is None:
         return None
     net = build.conn.networkLookupByName(build.settings.network or "default")
