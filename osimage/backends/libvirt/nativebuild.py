@@ -1,4 +1,4 @@
-"""The build's steps for `backend: libvirt` with `libvirt.driver: native` (issue 15).
+"""The build's steps for `backend: libvirt` with `libvirt.driver: native`, the default.
 
 osimage runs the build's VM through libvirt itself (native.py) and Packer only provisions it,
 as a `null` source with the SSH communicator (templates/libvirt-native.pkr.hcl.j2): no plugin,
@@ -7,15 +7,16 @@ no `packer init`, Packer 1.6.6 is enough, and every provisioner works as with qe
     connect to hypervisor    before rendering, only where Packer runs
     upload source to pool    the source disk, unless it is there already (steps.step_upload)
     render and validate HCL  checked with packer validate and python-hcl2, the address unknown
-    boot build domain        a qcow2 overlay on the source volume and a tagged domain; its
-                             address from the site's address_source; the HCL rendered again
-                             with it
+    boot build domain        the build's record for ./build.py clean, then a qcow2 overlay
+                             on the source volume and a tagged domain; its address from the
+                             site's address_source; the HCL rendered again with it (and the
+                             hypervisor as SSH bastion when it is qemu+ssh:// on NAT)
     packer build             the image's provisioners, then its shutdown_command
     download build disk      the guest stopped (shutdown_command, ACPI, destroy), the overlay
                              downloaded through a stream and flattened into a standalone qcow2
 
-The domain and the overlay are removed when the build ends, however it ends (--keep-failed
-keeps them after a failure). For now a disk source only; an ISO install is issue 15's rest.
+The domain, the overlay and the record are removed when the build ends, however it ends
+(--keep-failed keeps them after a failure). For now a disk source only; an ISO install is issue 15's rest.
 """
 
 from __future__ import annotations
