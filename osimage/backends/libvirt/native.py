@@ -337,6 +337,9 @@ def domain_xml(spec: DomainSpec) -> str:
             f"<serial type='pty'>{log}<target port='0'/></serial>"
             f"<console type='pty'><target type='serial' port='0'/></console>"
             f"<graphics type='vnc' listen='127.0.0.1' autoport='yes'/>"
+            # no USB controller (its frame timer costs a TCG guest CPU; keys go by PS/2) and
+            # no balloon: a build VM needs neither
+            f"<controller type='usb' model='none'/><memballoon model='none'/>"
             f"{spec.extra_devices}</devices></domain>")
 
 

@@ -16,7 +16,8 @@ no `packer init`, Packer 1.6.6 is enough, and every provisioner works as with qe
                              downloaded through a stream and flattened into a standalone qcow2
 
 The domain, the overlay and the record are removed when the build ends, however it ends
-(--keep-failed keeps them after a failure). For now a disk source only; an ISO install is issue 15's rest.
+(--keep-failed keeps them after a failure). For now a disk source only; an ISO install is
+issue 15's rest.
 """
 
 from __future__ import annotations
