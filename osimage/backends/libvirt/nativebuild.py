@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import TracebackType
@@ -225,12 +226,14 @@ def step_download(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     at upload), hashed."""
     build = _state(ctx)
     vm: native.BuildDomain = ctx.state["native_vm"]
+    t0 = time.monotonic()
     if native.wait_shut_off(vm.dom, SHUTDOWN_WAIT):
         how = "its shutdown_command"
     else:
         how = {"acpi": "the ACPI power button", "destroyed": "destroy"}.get(
             native.shutdown(vm.dom, ACPI_WAIT), "itself")
-    ctx.reporter.info(f"    domain {vm.spec.name} stopped by {how}")
+    ctx.reporter.info(f"    domain {vm.spec.name} stopped by {how} "
+                      f"({time.monotonic() - t0:.1f} s)")
     disk = ctx.image.data["outputs"]["disk"]
     fmt = disk.get("format", "qcow2")
     compress = disk.get("compression", "none") == "zstd" and fmt == "qcow2"
