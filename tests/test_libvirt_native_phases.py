@@ -15,6 +15,7 @@ as its phase allows.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -134,6 +135,8 @@ def test_stopped_while_downloading(netns_env: NetnsLibvirt, repo: Path) -> None:
                                  signal.SIGINT)
     print(f"downloading, SIGINT: stopped in {took:.1f} s")
     assert_interrupted(code, out, "download build disk", "SIGINT")
+    # stopped in the stream itself: the download's summary line never came
+    assert not re.search(r"-disk\.qcow2: \S+ \S* ?in [\d.]+ s \(", out), out
     assert_nothing_left(netns_env, repo)
     assert not list((repo / "build" / "smoke").glob("*/.overlay-*"))
 
