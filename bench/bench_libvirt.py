@@ -223,7 +223,7 @@ def native_main(argv: list[str]) -> int:
               f"{mn / mq:.2f}x (target <= 1.30x)")
         ms, mb = statistics.median(to_ssh), statistics.median(bare)
         print(f"median domain defined -> SSH answered: native build {ms:.1f} s, bare virsh "
-              f"create {mb:.1f} s (+{ms - mb:.1f} s)")
+              f"create {mb:.1f} s ({ms - mb:+.1f} s)")
         print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     return 0
 
