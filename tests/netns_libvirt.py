@@ -45,8 +45,10 @@ from typing import Any, Self
 import pytest
 
 from tests.libvirtd import _quiet_libvirt
+from tests.servers import SSHD, SSHServer, free_port
 
 START_TIMEOUT = 30.0
+DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
 STOP_TIMEOUT = 10.0
 # Private copies are bind-mounted over these (host path -> folder name in the test's dir).
 PRIVATE_DIRS = {"/etc/libvirt": "etc", "/var/lib/libvirt": "lib", "/run/libvirt": "run",
@@ -124,6 +126,44 @@ class NetnsLibvirt:
         kwargs.setdefault("check", False)
         return subprocess.run(self.exec_argv(argv), **kwargs)
 
+    def user_argv(self, argv: Sequence[str], ssh_dir: Path | None = None) -> list[str]:
+        """argv run as a user on the hypervisor's network would: in the namespace, and with
+        ssh_dir as root's ~/.ssh when given (in a mount namespace of its own: OpenSSH reads
+        the home of the passwd entry, not $HOME; the machine's ~/.ssh is left alone)."""
+        if ssh_dir is None:
+            return self.exec_argv(argv)
+        home = Path("~/.ssh").expanduser()
+        home.mkdir(mode=0o700, exist_ok=True)  # a mount point must exist
+        return self.exec_argv(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               f'mount --bind "$0" {home} && exec "$@"', str(ssh_dir), *argv])
+
+    def libvirtd_pid(self) -> int:
+        pid = _pid_from(self._pidfiles["libvirtd"])
+        assert pid is not None, "the namespaced libvirtd is not running"
+        return pid
+
+    def qemu_pids(self) -> list[int]:
+        """The guests' qemu processes (all of them are in the namespace)."""
+        found = []
+        for pid in self.pids_inside():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system"):
+                    found.append(pid)
+        return found
+
+    def add_network(self, dhcp: bool) -> str:
+        """Another NAT network (without DHCP when dhcp is False); its name."""
+        tag = secrets.token_hex(4)
+        subnet = f"10.{secrets.randbelow(200) + 20}.{secrets.randbelow(250) + 1}"
+        served = (f"<dhcp><range start='{subnet}.100' end='{subnet}.199'/></dhcp>"
+                  if dhcp else "")
+        name = f"{self.name}-{tag}"
+        self.conn.networkCreateXML(
+            f"<network><name>{name}</name><forward mode='nat'/>"
+            f"<bridge name='osimnd{tag}' stp='off' delay='0'/>"
+            f"<ip address='{subnet}.1' netmask='255.255.255.0'>{served}</ip></network>")
+        return name
+
     # --- setting up ---------------------------------------------------------------------------
 
     def _private_etc(self) -> None:
@@ -183,10 +223,13 @@ class NetnsLibvirt:
             time.sleep(0.1)
 
     def network_xml(self) -> str:
-        return (f"<network><name>{self.network}</name><forward mode='nat'/>"
-                f"<bridge name='{self.bridge}' stp='off' delay='0'/>"
+        # no-ping: dnsmasq otherwise pings each new address for 3 s before it offers it (every
+        # build's guest is a new MAC), the one avoidable wait of a guest's boot here
+        return (f"<network xmlns:dnsmasq='{DNSMASQ_NS}'><name>{self.network}</name>"
+                f"<forward mode='nat'/><bridge name='{self.bridge}' stp='off' delay='0'/>"
                 f"<ip address='{self.gateway}' netmask='255.255.255.0'><dhcp>"
                 f"<range start='{self.subnet}.100' end='{self.subnet}.199'/></dhcp></ip>"
+                f"<dnsmasq:options><dnsmasq:option value='no-ping'/></dnsmasq:options>"
                 f"</network>")
 
     def __enter__(self) -> Self:
@@ -272,6 +315,39 @@ class NetnsLibvirt:
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class HypervisorSSHD(SSHServer):
+    """An OpenSSH sshd on the namespaced hypervisor, as production's qemu+ssh:// reaches its
+    hypervisor: in libvirtd's network and mount namespaces (nsenter), so virt-ssh-helper
+    finds the private daemon's socket, and the guests' NAT network is routable from it (it
+    is the bastion). Key login as root; known_hosts trusts its host key."""
+
+    def __init__(self, env: NetnsLibvirt) -> None:
+        # DEBUG1: the log names each forwarded connection's target (the bastion's work)
+        super().__init__(user="root", extra_config=("LogLevel DEBUG1",))
+        self.env = env
+
+    def uri(self, **params: str) -> str:
+        query = "&".join(f"{k}={v}" for k, v in {"keyfile": str(self.client_key),
+                                                  "no_tty": "1", **params}.items())
+        return f"qemu+ssh://root@127.0.0.1:{self.port}/system?{query}"
+
+    def start(self) -> None:
+        Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.port = free_port()  # any: the namespace's 127.0.0.1 is its own
+        config = self._write_config()
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                ["nsenter", "-t", str(self.env.libvirtd_pid()), "-m", "-n", SSHD, "-D", "-e",
+                 "-f", str(config)], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while "Server listening on" not in self.log.read_text(errors="replace"):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sshd did not start: {self.log.read_text()}")
+            time.sleep(0.05)
+        self.known_hosts.write_text(f"{self.host_pattern} {self.host_public}\n")
 
 
 @pytest.fixture(scope="module", name="netns_env")

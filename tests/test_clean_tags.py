@@ -186,7 +186,8 @@ def test_failed_build_tags_what_it_leaves(repo: Path, pool: libvirtd.TestPool,
     with libvirtd.TestNetwork(URI) as net:
         (repo / "site.yaml").write_text(
             f"backend: libvirt\npacker:\n  binary: {FAKE_PACKER}\nlibvirt:\n  uri: {URI}\n"
-            f"  pool: {pool.name}\n  network: {net.name}\n  domain_type: qemu\n")
+            f"  pool: {pool.name}\n  network: {net.name}\n  domain_type: qemu\n"
+            f"  driver: plugin\n")
         proc = build_py(repo, "smoke", "--keep-failed", env={"FAKE_PACKER_MODE": "fail"})
         assert proc.returncode == 1, proc.stderr
         found = re.search(r"osimage-build-([0-9a-f-]{36})\.json: domain (\S+),", proc.stderr)

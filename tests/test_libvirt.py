@@ -398,6 +398,7 @@ libvirt:
   pool: {pool.name}
   network: {network.name}
   domain_type: qemu
+  driver: plugin
 """)
     return site
 

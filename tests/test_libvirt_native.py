@@ -464,3 +464,23 @@ def test_teardown_after_a_failure_leaves_nothing() -> None:
     assert not env.dir.exists()
     if host_pid:
         assert Path("/run/libvirtd.pid").read_text() == host_pid
+
+
+def test_ssh_bastion_of_a_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hypervisor of a qemu+ssh:// URI is the bastion with libvirt's own login: the URI's
+    user, port and keyfile, its host key checked unless no_verify=1; none for local URIs."""
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    b = lv.ssh_bastion("qemu+ssh://builder@kvm01:2222/system?keyfile=/k/id&no_tty=1")
+    assert b == lv.SSHBastion(host="kvm01", port=2222, user="builder", key_file="/k/id",
+                              verify_host_key=True)
+    assert b.ssh_argv() == ["ssh", "-p", "2222", "-o", "BatchMode=yes",
+                            "-o", "StrictHostKeyChecking=yes", "-i", "/k/id",
+                            "-o", "IdentitiesOnly=yes"]
+    b = lv.ssh_bastion("qemu+ssh://root@kvm01/system?keyfile=/k/id&no_verify=1")
+    assert b is not None and (b.port, b.verify_host_key) == (22, False)
+    assert "StrictHostKeyChecking=no" in b.ssh_argv()
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/run/agent.sock")
+    b = lv.ssh_bastion("qemu+ssh://root@kvm01/system")
+    assert b is not None and b.key_file is None  # ssh-agent
+    for local in ("qemu:///system", "qemu:///system?socket=/x", "qemu+tcp://kvm01/system"):
+        assert lv.ssh_bastion(local) is None

@@ -22,6 +22,7 @@ libvirt:
   uri: qemu+ssh://root@kvm01.example/system
   pool: images
   network: builds
+  driver: plugin
 """
 
 

@@ -197,6 +197,7 @@ libvirt:
   uri: qemu+ssh://root@kvm01.example/system
   pool: images
   network: builds
+  driver: plugin
 """
 
 

@@ -326,7 +326,7 @@ def test_libvirt_render_uploads_the_payload_and_reads_live_ssh_from_the_cd(
 
     site = tmp_path / "libvirt-site.yaml"
     site.write_text("backend: libvirt\nlibvirt:\n  uri: qemu+ssh://root@kvm01.example/system\n"
-                    "  pool: images\n  network: builds\n")
+                    "  pool: images\n  network: builds\n  driver: plugin\n")
     proc = build_py(usb_repo, "render", "usb-installer", "--site", str(site))
     assert proc.returncode == 0, proc.stderr
     hcl = usb_repo / proc.stdout.strip()

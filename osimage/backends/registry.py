@@ -9,16 +9,17 @@ from osimage.build.feature import Backend
 
 BACKENDS = {
     "qemu": "osimage.backends.qemu",  # Packer's qemu builder on this machine
-    "libvirt": "osimage.backends.libvirt.steps",  # the libvirt plugin, a pool, a network
+    # libvirt.driver: native (the default): osimage runs the domain, Packer provisions it
+    "libvirt": "osimage.backends.libvirt.nativebuild",
 }
-# libvirt.driver: native: osimage runs the domain itself, Packer provisions over SSH
-NATIVE = "osimage.backends.libvirt.nativebuild"
+# libvirt.driver: plugin: Packer's libvirt plugin runs the domain (sites already running it)
+PLUGIN = "osimage.backends.libvirt.steps"
 
 
 def backend_of(ctx: BuildContext) -> Backend:
     module = BACKENDS[ctx.site.backend]
     if ctx.site.backend == "libvirt" and (ctx.site.data.get("libvirt") or {}).get(
-            "driver", "plugin") == "native":
-        module = NATIVE
+            "driver", "native") == "plugin":
+        module = PLUGIN
     backend: Backend = importlib.import_module(module).BACKEND
     return backend

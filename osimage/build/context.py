@@ -72,6 +72,9 @@ class BuildContext:
     accept_new_host_key: bool = False  # --accept-new-host-key (SSH mirrors)
     rebuild: bool = False  # --rebuild: build even when the image is up to date
     http_dir: Path | None = None  # http_directory as served to this build (rendered or as is)
+    # How a person logs in to the guest (argv), when the backend knows better than qemu's
+    # forwarded port on 127.0.0.1 (libvirt native: the guest's address, maybe a bastion).
+    guest_login: list[str] = field(default_factory=list)
     # Each feature's and the backend's own state for this build, under its name.
     state: dict[str, Any] = field(default_factory=dict)
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,7 @@ class LoginHints:
     domain: str | None = None
     ssh_port: int | None = None
     vnc: str | None = None
+    login: list[str] = field(default_factory=list)  # the backend's own login argv, if any
     shown: bool = False
     lines: list[str] = field(default_factory=list)
 
@@ -158,6 +160,7 @@ class LoginHints:
     def text(self) -> list[str]:
         port = f" -p {self.ssh_port}" if self.ssh_port else ""
         out = ["==> osimage: the VM is up; to log in:",
+               f"    {shlex.join(self.login)}" if self.login else
                f"    ssh -i {self.key_file}{port} -o StrictHostKeyChecking=no "
                f"-o UserKnownHostsFile=/dev/null {self.user}@127.0.0.1"]
         if self.backend == "libvirt" and self.domain:

@@ -179,7 +179,7 @@ def _packer_interactive(ctx: BuildContext,
     argv.append(ctx.hcl_file.name)
     hints = packer.LoginHints(user=ctx.image.data.get("ssh", {}).get("username", "root"),
                              key_file=ctx.key_file, backend=ctx.site.backend,
-                             serial_socket=ctx.serial_socket)
+                             serial_socket=ctx.serial_socket, login=ctx.guest_login)
     with ctx.log_file.open("w") as log:
         progress = packer.BuildProgress(log=log)
 

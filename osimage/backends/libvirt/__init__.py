@@ -1,2 +1,3 @@
-"""backend: libvirt: the Packer libvirt plugin, a storage pool and a network; the hypervisor
-connection, preflight, streams, ./build.py clean, and the native driver to come."""
+"""backend: libvirt: the native driver (the default: osimage runs the domain, Packer provisions
+it over SSH) or the Packer libvirt plugin (driver: plugin); a storage pool and a network; the
+hypervisor connection, preflight, streams, ./build.py clean."""

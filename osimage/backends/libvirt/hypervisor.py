@@ -12,10 +12,15 @@ hypervisor's files directly.
 from __future__ import annotations
 
 import contextlib
+import getpass
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 from osimage.errors import BuildError, ConfigError
@@ -169,3 +174,58 @@ def delete_volume(conn: Any, pool: str, name: str) -> bool:
     return True
 
 
+
+
+# --- reaching the guest through the hypervisor -----------------------------------------------
+
+DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")  # OpenSSH's, in the order it tries them
+
+
+@dataclass(frozen=True)
+class SSHBastion:
+    """The hypervisor of a qemu+ssh:// URI as the SSH bastion to its guests, with what libvirt
+    itself logs in with: the URI's user, port and ?keyfile= (else ssh-agent, else OpenSSH's
+    default keys), and its host key checked as libvirt's ssh checks it (known_hosts, unless
+    the URI says no_verify=1)."""
+
+    host: str
+    port: int
+    user: str
+    key_file: str | None  # None: ssh-agent
+    verify_host_key: bool
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.host}"
+
+    def ssh_argv(self) -> list[str]:
+        """OpenSSH options to reach the bastion the way libvirt's transport does."""
+        argv = ["ssh", "-p", str(self.port), "-o", "BatchMode=yes",
+                "-o", f"StrictHostKeyChecking={'yes' if self.verify_host_key else 'no'}"]
+        if self.key_file:
+            argv += ["-i", self.key_file, "-o", "IdentitiesOnly=yes"]
+        return argv
+
+
+def ssh_bastion(uri: str, where: str = "libvirt.uri") -> SSHBastion | None:
+    """The bastion of a qemu+ssh:// URI; None for a local or non-SSH transport. where: how
+    errors name the URI's setting."""
+    parts = urlsplit(uri)
+    if not parts.scheme.endswith("+ssh") or not parts.hostname:
+        return None
+    query = dict(parse_qsl(parts.query))
+    shown = uri.split("?", 1)[0]
+    try:
+        port = parts.port or 22
+    except ValueError:
+        raise ConfigError(f"{where}: {shown}: the port is not a number") from None
+    key = query.get("keyfile")
+    if key is None and not os.environ.get("SSH_AUTH_SOCK"):
+        home = Path("~/.ssh").expanduser()
+        key = next((str(home / k) for k in DEFAULT_KEYS if (home / k).is_file()), None)
+        if key is None:
+            raise ConfigError(f"{where}: {shown}: no key to reach the hypervisor's guests "
+                              f"through it: give ?keyfile=PATH, or run ssh-agent")
+    return SSHBastion(host=parts.hostname, port=port,
+                      user=unquote(parts.username) if parts.username else getpass.getuser(),
+                      key_file=key, verify_host_key=query.get("no_verify", "0") != "1")

@@ -337,6 +337,9 @@ def domain_xml(spec: DomainSpec) -> str:
             f"<serial type='pty'>{log}<target port='0'/></serial>"
             f"<console type='pty'><target type='serial' port='0'/></console>"
             f"<graphics type='vnc' listen='127.0.0.1' autoport='yes'/>"
+            # no USB controller (its frame timer costs a TCG guest CPU; keys go by PS/2) and
+            # no balloon: a build VM needs neither
+            f"<controller type='usb' model='none'/><memballoon model='none'/>"
             f"{spec.extra_devices}</devices></domain>")
 
 
@@ -390,10 +393,13 @@ def remove_domain(dom: Any) -> None:
 
 class BuildDomain:
     """The build's overlay and domain, removed again on leaving (also on errors and Ctrl-C),
-    unless keep is set then (--keep-failed). Times of each phase are in .timings."""
+    unless keep is set then (--keep-failed). Times of each phase are in .timings; on_defined
+    is called between the domain's definition and its start."""
 
-    def __init__(self, conn: Any, spec: DomainSpec, source: Any, capacity: int = 0) -> None:
+    def __init__(self, conn: Any, spec: DomainSpec, source: Any, capacity: int = 0,
+                 on_defined: Callable[[], None] | None = None) -> None:
         self.conn, self.spec, self.source, self.capacity = conn, spec, source, capacity
+        self.on_defined = on_defined
         self.dom: Any = None
         self.overlay: Any = None
         self.keep = False
@@ -413,6 +419,8 @@ class BuildDomain:
                 self.dom = self.conn.defineXML(domain_xml(self.spec))
                 stack.callback(self._remove_domain)
                 self.timings["define"] = time.monotonic() - t0
+                if self.on_defined is not None:
+                    self.on_defined()
                 check_interrupted()
                 t0 = time.monotonic()
                 self.dom.create()

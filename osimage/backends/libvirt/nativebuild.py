@@ -1,4 +1,4 @@
-"""The build's steps for `backend: libvirt` with `libvirt.driver: native` (issue 15).
+"""The build's steps for `backend: libvirt` with `libvirt.driver: native`, the default.
 
 osimage runs the build's VM through libvirt itself (native.py) and Packer only provisions it,
 as a `null` source with the SSH communicator (templates/libvirt-native.pkr.hcl.j2): no plugin,
@@ -7,15 +7,17 @@ no `packer init`, Packer 1.6.6 is enough, and every provisioner works as with qe
     connect to hypervisor    before rendering, only where Packer runs
     upload source to pool    the source disk, unless it is there already (steps.step_upload)
     render and validate HCL  checked with packer validate and python-hcl2, the address unknown
-    boot build domain        a qcow2 overlay on the source volume and a tagged domain; its
-                             address from the site's address_source; the HCL rendered again
-                             with it
+    boot build domain        the build's record for ./build.py clean, then a qcow2 overlay
+                             on the source volume and a tagged domain; its address from the
+                             site's address_source; the HCL rendered again with it (and the
+                             hypervisor as SSH bastion when it is qemu+ssh:// on NAT)
     packer build             the image's provisioners, then its shutdown_command
     download build disk      the guest stopped (shutdown_command, ACPI, destroy), the overlay
                              downloaded through a stream and flattened into a standalone qcow2
 
-The domain and the overlay are removed when the build ends, however it ends (--keep-failed
-keeps them after a failure). For now a disk source only; an ISO install is issue 15's rest.
+The domain, the overlay and the record are removed when the build ends, however it ends
+(--keep-failed keeps them after a failure). For now a disk source only; an ISO install is
+issue 15's rest.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from __future__ import annotations
 import contextlib
 import shlex
 import tempfile
+import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from osimage import runner
+from osimage.backends.libvirt import clean as libvirt_clean
 from osimage.backends.libvirt import hypervisor as lv
 from osimage.backends.libvirt import native
 from osimage.backends.libvirt import steps as plugin_steps
@@ -45,6 +50,7 @@ TEMPLATE = "libvirt-native.pkr.hcl.j2"
 UNKNOWN_HOST = "0.0.0.0"  # noqa: S104 - a placeholder the rendered check needs, never dialled
 SHUTDOWN_WAIT = 120.0  # seconds the guest has to stop after its shutdown_command
 ACPI_WAIT = 60.0  # then after the power button, before it is destroyed
+ADDRESS_WAIT = 300.0  # seconds for the guest's address (site: libvirt.address_timeout)
 
 
 def _state(ctx: BuildContext) -> plugin_steps.LibvirtBuild:
@@ -62,7 +68,13 @@ def step_connect(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     if s.bridge:
         raise ConfigError(f"{s.shown}: libvirt.bridge: driver native needs a managed network "
                           f"for now (libvirt.network)")
-    build.conn = lv.connect(s.uri)
+    lv.ssh_bastion(s.uri, f"{s.shown}: libvirt.uri")  # a URI without a key fails here, exit 2
+    libvirt = lv.libvirt_module()
+    try:
+        build.conn = lv.connect(s.uri)
+    except (libvirt.libvirtError, TimeoutError) as e:
+        raise BuildError(f"cannot connect to {s.uri}: {lv.error_text(e)}",
+                         hint=lv.connect_hint(s.uri)) from None
     stack.callback(_close, build.conn)
     ctx.reporter.info(f"    {s.uri}: pool {s.pool}, network {s.network or s.bridge}")
 
@@ -85,16 +97,18 @@ def _shutdown_provisioner(ctx: BuildContext) -> dict[str, Any]:
             "execute_command": "chmod +x {{.Path}}; {{.Path}}"}
 
 
-def _variables(ctx: BuildContext, ssh_host: str) -> dict[str, Any]:
+def _variables(ctx: BuildContext, ssh_host: str,
+               bastion: lv.SSHBastion | None = None) -> dict[str, Any]:
     build = _state(ctx)
     base = core.template_variables(ctx)
     return {**base, "builder_source": "null", "ssh_host": ssh_host,
-            "domain_name": build.domain,
+            "domain_name": build.domain, "bastion": bastion,
             "provisioners": [*base["provisioners"], _shutdown_provisioner(ctx)]}
 
 
-def _write_hcl(ctx: BuildContext, ssh_host: str) -> tuple[Path, str]:
-    text = render.render(ctx.root / "templates", TEMPLATE, _variables(ctx, ssh_host))
+def _write_hcl(ctx: BuildContext, ssh_host: str,
+               bastion: lv.SSHBastion | None = None) -> tuple[Path, str]:
+    text = render.render(ctx.root / "templates", TEMPLATE, _variables(ctx, ssh_host, bastion))
     hcl = ctx.work_dir / f"{ctx.image.name}.pkr.hcl"
     return hcl, text
 
@@ -115,8 +129,48 @@ def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
                       f"once it has one)")
 
 
+def _site_number(ctx: BuildContext, key: str, default: float) -> float:
+    return float((ctx.site.data.get("libvirt") or {}).get(key, default))
+
+
+def _bastion(ctx: BuildContext, build: plugin_steps.LibvirtBuild) -> lv.SSHBastion | None:
+    """The hypervisor as SSH bastion when the guest is not routable from here: a qemu+ssh://
+    hypervisor whose network is NAT or isolated. Packer 1.6.6 does not check a bastion's host
+    key, so it is checked here first, by OpenSSH with the rules libvirt's ssh used."""
+    bastion = lv.ssh_bastion(build.settings.uri, f"{build.settings.shown}: libvirt.uri")
+    if bastion is None:
+        return None
+    net = build.conn.networkLookupByName(build.settings.network or "default")
+    forward = ET.fromstring(net.XMLDesc(0)).find("forward")  # noqa: S314 - libvirt's own XML
+    if forward is not None and forward.get("mode", "nat") != "nat":
+        return None  # routed, open or a host bridge: the guest is reached directly
+    result = runner.run([*bastion.ssh_argv(), bastion.destination, "true"], check=False,
+                        what="ssh to the hypervisor")
+    if not result.ok:
+        why = next((t for t in reversed(result.tail) if t.strip()), f"exit {result.returncode}")
+        raise BuildError(f"{bastion.destination} port {bastion.port}: cannot log in to the "
+                         f"hypervisor to reach the guest through it: {why}",
+                         hint="the guest's network is NAT: Packer reaches it through the "
+                              "hypervisor's sshd, which must know the URI's key; its host "
+                              "key must be in known_hosts (or the URI says no_verify=1)")
+    return bastion
+
+
+def _login(ctx: BuildContext, addr: str, bastion: lv.SSHBastion | None) -> list[str]:
+    """The command a person logs in to the guest with (--debug): the build's key, the guest's
+    address, through the hypervisor when it is the bastion."""
+    user = ctx.image.data.get("ssh", {}).get("username", "root")
+    argv = ["ssh", "-i", str(ctx.key_file), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null"]
+    if bastion is not None:
+        jump = shlex.join([*bastion.ssh_argv(), "-W", "%h:%p", bastion.destination])
+        argv += ["-o", f"ProxyCommand={jump}"]
+    return [*argv, f"{user}@{addr}"]
+
+
 def step_boot(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """The overlay and the tagged domain, booted; the HCL rendered again with its address."""
+    """The build's record, then the overlay and the tagged domain, booted; the HCL rendered
+    again with its address. Each phase says so on a line of its own."""
     build = _state(ctx)
     s = build.settings
     assert build.source is not None and ctx.key_file is not None
@@ -129,22 +183,41 @@ def step_boot(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         accelerator=ctx.accelerator,
         authorized_key=Path(f"{ctx.key_file}.pub").read_text())
     vm = native.BuildDomain(build.conn, spec, source,
-                            capacity=parse_size(ctx.image.data["disk_size"]))
+                            capacity=parse_size(ctx.image.data["disk_size"]),
+                            on_defined=lambda: ctx.reporter.info(
+                                f"    domain {spec.name} defined"))
 
     def keep_if_failed(et: type[BaseException] | None, e: BaseException | None,
                        tb: TracebackType | None) -> bool:
         vm.keep = et is not None and ctx.keep_failed
         return False
 
+    def drop_record() -> None:
+        if not vm.keep:
+            with contextlib.suppress(Exception):
+                lv.delete_volume(build.conn, s.pool, spec.tag.record_name)
+
+    # The record before anything is defined: a build killed from here on is found by
+    # `./build.py clean` (clean.py), and the domain carries the same tag.
+    libvirt_clean.write_record(build.conn, spec.tag)
+    build.tag = spec.tag
+    stack.callback(drop_record)
+    ctx.reporter.info(f"    {s.pool}/{spec.tag.record_name}: the build's record for "
+                      f"./build.py clean")
     stack.enter_context(vm)
     stack.push(keep_if_failed)  # runs before the removal: --keep-failed keeps them
     ctx.state["native_vm"] = vm
+    timeout = _site_number(ctx, "address_timeout", ADDRESS_WAIT)
     ctx.reporter.info(f"    domain {spec.name} ({s.pool}/{disk} over {build.source.name}) "
-                      f"started in {sum(vm.timings.values()):.1f} s")
-    addr = native.wait_for_address(vm.dom, s.address_source, timeout=300)
-    hcl, text = _write_hcl(ctx, addr)
+                      f"started in {sum(vm.timings.values()):.1f} s; waiting for its address "
+                      f"from {s.address_source} (at most {timeout:.0f} s)")
+    addr = native.wait_for_address(vm.dom, s.address_source, timeout=timeout)
+    bastion = _bastion(ctx, build)
+    hcl, text = _write_hcl(ctx, addr, bastion)
     hcl.write_text(text)
-    ctx.reporter.info(f"    guest address {addr} (from {s.address_source})")
+    ctx.guest_login = _login(ctx, addr, bastion)
+    through = f", through {bastion.destination} port {bastion.port}" if bastion else ""
+    ctx.reporter.info(f"    guest address {addr} (from {s.address_source}{through})")
 
 
 def step_download(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
@@ -153,12 +226,14 @@ def step_download(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     at upload), hashed."""
     build = _state(ctx)
     vm: native.BuildDomain = ctx.state["native_vm"]
+    t0 = time.monotonic()
     if native.wait_shut_off(vm.dom, SHUTDOWN_WAIT):
         how = "its shutdown_command"
     else:
         how = {"acpi": "the ACPI power button", "destroyed": "destroy"}.get(
             native.shutdown(vm.dom, ACPI_WAIT), "itself")
-    ctx.reporter.info(f"    domain {vm.spec.name} stopped by {how}")
+    ctx.reporter.info(f"    domain {vm.spec.name} stopped by {how} "
+                      f"({time.monotonic() - t0:.1f} s)")
     disk = ctx.image.data["outputs"]["disk"]
     fmt = disk.get("format", "qcow2")
     compress = disk.get("compression", "none") == "zstd" and fmt == "qcow2"
@@ -170,6 +245,8 @@ def step_download(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".overlay-", dir=ctx.work_dir) as tmp:
         overlay = Path(tmp) / "overlay.qcow2"
+        ctx.reporter.info(f"    downloading {build.settings.pool}/{vm.spec.disk} "
+                          f"({human(lv.volume_physical_size(vm.overlay))})")
         got = libvirt_streams.download_stream(build.conn, vm.overlay, overlay,
                                               progress=ctx.reporter.info,
                                               what=f"download {vm.spec.disk}")
