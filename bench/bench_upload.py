@@ -84,20 +84,23 @@ def run_publisher(ssh: SSHServer, http: HTTPServer, art: artifacts.Artifact,
         if name == art.name and done == total:
             sent_cpu.append(time.process_time())
 
+    children0 = _children_cpu()  # the ssh client carrying the bytes counts as the sender
     mirror = SSHMirror(ssh.url, http.url, identity_file=ssh.client_key,
                        known_hosts=ssh.known_hosts, progress=progress)
     server0 = ssh.sessions_cpu_seconds()
     client0 = time.process_time()
     start = time.monotonic()
     mirror.publish([art], f"builds/bench/{round_no}")
+    children = _children_cpu() - children0
     seconds = time.monotonic() - start - mirror.stats.verify_seconds
     ssh.wait_sessions_ended()
     assert mirror.stats.bytes_sent >= art.size
     shutil.rmtree(ssh.root / "builds")
     gib = art.size / 2**30
-    run = Run(art.size / MiB / seconds, (sent_cpu[0] - client0) / gib,
+    run = Run(art.size / MiB / seconds, (sent_cpu[0] - client0 + children) / gib,
               (ssh.sessions_cpu_seconds() - server0) / gib)
-    return run, art.size / MiB / mirror.stats.verify_seconds, mirror.stats.cipher
+    how = f"{mirror.stats.channel}, {mirror.stats.cipher}"
+    return run, art.size / MiB / mirror.stats.verify_seconds, how
 
 
 def _children_cpu() -> float:
@@ -163,7 +166,7 @@ def main() -> int:
         if method.startswith("scp"):
             print(f"publisher / {method}: {medians['publisher'] / median:.2f}x by median")
     print(f"publisher / fastest scp ({best_scp}): {ratio:.2f}x by median, {best_ratio:.2f}x "
-          f"best run against best run (target >= 0.80x)")
+          f"best run against best run (target >= 0.90x)")
     cpu = {m: statistics.median(r.client_cpu + r.server_cpu for r in runs)
            for m, runs in results.items()}
     print(f"CPU s/GiB, client + sshd: publisher {cpu['publisher']:.2f}, {best_scp} "
