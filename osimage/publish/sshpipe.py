@@ -45,10 +45,11 @@ HOST_KEY_ALGORITHMS = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256")}
 ALIAS = "osimage-mirror"
 MARKER = b"osimage-pipe\n"  # printed by the remote shell before cat starts: commands run
 PIPE_SIZE = 1 << 20
-POLL_SECONDS = 0.2  # how often a stalled pipe looks for a stop request
+POLL_SECONDS = 0.05  # how often a stalled pipe looks for a stop request
 KEEPALIVE_SECONDS = 15
 START_SECONDS = 60.0  # connect, authenticate, start the shell
-EXIT_SECONDS = 30.0  # ssh flushes the last bytes and the remote cat closes the file
+EXIT_SECONDS = 30.0
+STOP_SECONDS = 5.0  # ssh flushes the last bytes and the remote cat closes the file
 
 
 class PipeUnavailable(Exception):
@@ -74,8 +75,12 @@ class _Session:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
+            try:  # reaped first: a zombie still counts as a live group
+                self.proc.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         reap_group(self.proc.pid)
-        self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
