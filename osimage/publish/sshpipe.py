@@ -189,18 +189,16 @@ class SSHPipe:
         fd = proc.stdout.fileno()
         got = b""
         deadline = time.monotonic() + START_SECONDS
-        while not got.startswith(MARKER):
+        while MARKER not in got:  # after whatever the account's shell startup files print
             check_interrupted()
             if time.monotonic() > deadline:
                 raise TimeoutError(errno.ETIMEDOUT, "ssh did not start the remote command")
             readable, _, _ = select.select([fd], [], [], POLL_SECONDS)
             if readable:
-                chunk = os.read(fd, 64)
-                if not chunk:
-                    return False
+                chunk = os.read(fd, 4096)
+                if not chunk or len(got) > 65536:
+                    return False  # ended, or something else than our shell talks
                 got += chunk
-                if len(got) >= len(MARKER) and not got.startswith(MARKER):
-                    return False  # a shell that prints something else: not ours to feed
         return True
 
     @staticmethod
