@@ -48,8 +48,7 @@ PIPE_SIZE = 1 << 20
 POLL_SECONDS = 0.05  # how often a stalled pipe looks for a stop request
 KEEPALIVE_SECONDS = 15
 START_SECONDS = 60.0  # connect, authenticate, start the shell
-EXIT_SECONDS = 30.0
-STOP_SECONDS = 5.0  # ssh flushes the last bytes and the remote cat closes the file
+EXIT_SECONDS = 30.0  # ssh flushes the last bytes and the remote cat closes the file
 
 
 class PipeUnavailable(Exception):
@@ -72,14 +71,10 @@ class _Session:
     def stop(self) -> bytes:
         """End ssh (if it still runs) and everything it started; close our ends; return
         what ssh and the remote command said."""
-        if self.proc.poll() is None:
+        if self.proc.poll() is None:  # stopped early: the partial stays as it is, to resume
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:  # reaped first: a zombie still counts as a live group
-                self.proc.wait(timeout=STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()  # reaped first: a zombie still counts as a live group
         reap_group(self.proc.pid)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
