@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,3 +168,31 @@ def test_disk_full_through_ssh(ssh: SSHServer, http: HTTPServer, tmp_path: Path)
         assert files_under(builds) == []  # the partials were removed to give the space back
     finally:
         subprocess.run(["umount", str(builds)], check=True)
+
+
+def test_an_agent_key_is_used_by_ssh_too(ssh: SSHServer, http: HTTPServer, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No identity_file: paramiko authenticates with the agent's key, and so does ssh (its
+    public half in a temporary file, the private one stays in the agent)."""
+    home = tmp_path / "home"
+    home.mkdir()  # no ~/.ssh/id_*: only the agent has a key
+    monkeypatch.setenv("HOME", str(home))
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        subprocess.run(["ssh-add", "-q", str(ssh.client_key)], check=True,
+                       capture_output=True)
+        art = make_artifact(tmp_path, "smoke.qcow2", LARGE)
+        m = SSHMirror(ssh.url, http.url, known_hosts=ssh.known_hosts)
+        m.publish([art], DEST)
+        assert m.stats.channel == "ssh"
+        assert_published(ssh, [art])
+    finally:
+        agent.terminate()
+        agent.wait()
