@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from osimage.publish import artifacts, s3
+from osimage.publish.mirrorlock import PublishRefused
 from tests.conftest import build_py, git, make_repo, qemu_pids
 from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
 
@@ -116,7 +117,7 @@ def test_a_build_uploads_the_boot_files(built: Built, server: S3Server) -> None:
         assert SECRET_KEY not in text and ACCESS_KEY not in text
 
 
-def test_the_same_bytes_are_not_sent_again(built: Built, server: S3Server,
+def test_the_same_bytes_are_not_sent_again(built: Built, server: S3Server, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in server.env.items():
         monkeypatch.setenv(k, v)
@@ -132,6 +133,14 @@ def test_the_same_bytes_are_not_sent_again(built: Built, server: S3Server,
     done = s3.upload(site, files, "smoke", built.version, said.append)
     assert [u.sent for u in done.values()] == [False] * 3
     assert all("already in s3://" in line for line in said)
+    assert [client.head_object(Bucket=BUCKET, Key=k)["LastModified"] for k in keys] == before
+    # other bytes under a published name: refused (exit 2), nothing sent, as on the mirror
+    other = tmp_path / files[0].name
+    other.write_bytes(b"other bytes")
+    changed = [artifacts.record(other), *files[1:]]
+    with pytest.raises(PublishRefused, match="never replaced without --replace") as err:
+        s3.upload(site, changed, "smoke", built.version)
+    assert err.value.exit_code == 2 and files[0].name in str(err.value)
     assert [client.head_object(Bucket=BUCKET, Key=k)["LastModified"] for k in keys] == before
 
 
@@ -223,6 +232,6 @@ def test_no_publish_and_debug_leave_s3_alone() -> None:
         return [s.name for s in select(steps, BuildOptions(image="smoke", **opts))]
 
     assert names().index("check s3") < names().index("prepare source")
-    assert names().index("publish to mirror") < names().index("upload to s3")
+    assert names().index("upload to s3") < names().index("publish to mirror")
     for opts in ({"publish": False}, {"debug": True}):
         assert "check s3" not in names(**opts) and "upload to s3" not in names(**opts)

@@ -321,7 +321,7 @@ def step_upload_s3(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     site = _s3_site(ctx)
     assert site is not None
     files = [a for a in ctx.artifacts if a.kind in s3.KINDS]
-    done = s3.upload(site, files, ctx.image.name, ctx.version, ctx.reporter.info)
+    done = s3.upload(site, files, ctx.image.name, ctx.version, ctx.reporter.info, ctx.replace)
     _state(ctx).s3 = {name: u.url for name, u in done.items()}
 
 
@@ -349,10 +349,12 @@ class DisklessExports(Feature):
             if ociregistry.registry(ctx) is not None:
                 steps.append(Step("check registry", ociregistry.step_check_registry,
                                   at="after check mirror", publishes=True, check=True))
-        if _s3_site(ctx) is not None:  # after the mirror took the build: it is published
+        if _s3_site(ctx) is not None:
             steps.append(Step("check s3", step_check_s3, at="after check mirror",
                               publishes=True, check=True))
-            steps.append(Step("upload to s3", step_upload_s3, at="after publish",
+            # before the mirror: the entry a failed mirror publish keeps for `./build.py
+            # publish IMAGE VERSION` then records the objects' URLs too
+            steps.append(Step("upload to s3", step_upload_s3, at="before publish",
                               publishes=True))
         return steps
 

@@ -29,6 +29,7 @@ from typing import Any
 from osimage import netreason
 from osimage.errors import BuildError, ConfigError
 from osimage.publish.artifacts import CHUNK, Artifact
+from osimage.publish.mirrorlock import refuse_replacing
 from osimage.runner import check_interrupted
 from osimage.sizes import human
 
@@ -138,24 +139,37 @@ def _head(client: Any, bucket: str, key: str) -> tuple[int, str] | None:
 
 
 def upload(site: S3Site, files: Sequence[Artifact], image: str, version: str,
-           say: Callable[[str], None] = lambda _: None) -> dict[str, Uploaded]:
+           say: Callable[[str], None] = lambda _: None, replace: bool = False
+           ) -> dict[str, Uploaded]:
     """Put each file at PREFIX/IMAGE/VERSION/NAME (multipart), its sha256 as metadata; skip
-    one whose object has the same size and sha256 already; HEAD each after its upload."""
+    one whose object has the same size and sha256 already; HEAD each after its upload. An
+    object of other bytes is replaced only with replace (--replace), as on the mirror: then
+    nothing is sent."""
     from boto3.s3.transfer import TransferConfig
 
     transfer = TransferConfig(multipart_threshold=PART, multipart_chunksize=PART,
                               max_concurrency=4, use_threads=True)
     client = _client(site.endpoint, site.region)
+    there: dict[str, tuple[int, str] | None] = {}
+    for a in files:
+        key = site.key(image, version, a.name)
+        try:
+            there[a.name] = _head(client, site.bucket, key)
+        except _errors() as e:
+            raise _fail(e, f"reading s3://{site.bucket}/{key}", site) from None
+    changed = [a.name for a in files if there[a.name] not in (None, (a.size, a.sha256))]
+    if changed and not replace:
+        raise refuse_replacing(f"s3://{site.bucket}/{site.key(image, version, '')}", changed)
     out: dict[str, Uploaded] = {}
     for a in files:
         check_interrupted()
         key = site.key(image, version, a.name)
         url = site.url(key)
+        if there[a.name] == (a.size, a.sha256):
+            say(f"    {a.name}: already in s3://{site.bucket}/{key}")
+            out[a.name] = Uploaded(url, sent=False)
+            continue
         try:
-            if _head(client, site.bucket, key) == (a.size, a.sha256):
-                say(f"    {a.name}: already in s3://{site.bucket}/{key}")
-                out[a.name] = Uploaded(url, sent=False)
-                continue
             client.upload_file(str(a.path), site.bucket, key, Config=transfer,
                                ExtraArgs={"Metadata": {"sha256": a.sha256},
                                           "ContentType": "application/octet-stream"})
