@@ -47,5 +47,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test,libvirt]'
+python3 -m pip install -q --disable-pip-version-check -e '.[test,libvirt,s3]'
 echo "setup: done"

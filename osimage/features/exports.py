@@ -42,7 +42,7 @@ from osimage.build.context import BuildContext
 from osimage.build.feature import Feature, Step
 from osimage.errors import BuildError, ConfigError
 from osimage.features import oci, ociregistry
-from osimage.publish import artifacts
+from osimage.publish import artifacts, s3
 from osimage.sizes import human
 
 NAME = "exports"
@@ -60,9 +60,12 @@ class Exports:
     oci_layout: Path | None = None
     oci_reference: str | None = None
     oci_digest: str | None = None
+    s3: dict[str, str] | None = None  # NAME -> the object's URL (OpenCHAMI boots from it)
 
     def record(self, files: Sequence[artifacts.Artifact]) -> dict[str, Any]:
         out: dict[str, Any] = {"files": {a.name: a.kind for a in files if a.kind}}
+        if self.s3 is not None:
+            out["s3"] = self.s3
         if self.kernel_version is not None:
             out["kernel_version"] = self.kernel_version
         if self.oci_reference is not None:
@@ -300,6 +303,28 @@ def step_push(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     ctx.reporter.info(f"    pushed docker://{ref} ({state.oci_digest})")
 
 
+def _s3_site(ctx: BuildContext) -> s3.S3Site | None:
+    """The site's S3 target, when this build makes anything OpenCHAMI boots from."""
+    if not {"boot", "squashfs"} & set(spec(ctx)):
+        return None
+    return s3.S3Site.from_site(ctx.site.data)
+
+
+def step_check_s3(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    site = _s3_site(ctx)
+    assert site is not None
+    ctx.reporter.info(f"    s3: {s3.check(site)}")
+
+
+def step_upload_s3(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
+    """squashfs, kernel and initramfs to PREFIX/IMAGE/VERSION/ in the site's bucket."""
+    site = _s3_site(ctx)
+    assert site is not None
+    files = [a for a in ctx.artifacts if a.kind in s3.KINDS]
+    done = s3.upload(site, files, ctx.image.name, ctx.version, ctx.reporter.info, ctx.replace)
+    _state(ctx).s3 = {name: u.url for name, u in done.items()}
+
+
 class DisklessExports(Feature):
     name = NAME
     recorded = True
@@ -324,6 +349,13 @@ class DisklessExports(Feature):
             if ociregistry.registry(ctx) is not None:
                 steps.append(Step("check registry", ociregistry.step_check_registry,
                                   at="after check mirror", publishes=True, check=True))
+        if _s3_site(ctx) is not None:
+            steps.append(Step("check s3", step_check_s3, at="after check mirror",
+                              publishes=True, check=True))
+            # before the mirror: the entry a failed mirror publish keeps for `./build.py
+            # publish IMAGE VERSION` then records the objects' URLs too
+            steps.append(Step("upload to s3", step_upload_s3, at="before publish",
+                              publishes=True))
         return steps
 
     def provisioners(self, ctx: BuildContext, provs: list[dict[str, Any]],

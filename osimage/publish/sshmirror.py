@@ -30,6 +30,7 @@ from osimage.errors import BuildError, ConfigError
 from osimage.netreason import os_reason
 from osimage.publish.artifacts import Artifact
 from osimage.publish.mirrorurl import SSHLocation
+from osimage.publish.sshpipe import SSHPipe
 from osimage.publish.sshpublish import Progress, Publish, TransferStats, published
 
 # aes128-gcm is the fastest cipher paramiko speaks (AES-NI, no separate MAC); the others are
@@ -69,8 +70,8 @@ class SSHMirror:
         self.check_free_space = check_free_space
         self.progress = progress
         self.stats = TransferStats()
-        self._phase = "connecting"
-        self._renamed = 0
+        self.pipe: SSHPipe | None = None  # while connected: the OpenSSH client for bulk bytes
+        self._auth_source: Path | paramiko.PKey | None = None
 
     @classmethod
     def from_settings(cls, url: str, settings: Mapping[str, Any], root: Path,
@@ -121,6 +122,7 @@ class SSHMirror:
                 raise BuildError(f"mirror {loc}: SSH handshake failed: {os_reason(e)}") from None
             self._check_host_key(transport.get_remote_server_key())
             self._authenticate(transport)
+            assert self._auth_source is not None
             transport.set_keepalive(15)
             self.stats.cipher = str(getattr(transport, "local_cipher", ""))
             try:
@@ -134,8 +136,11 @@ class SSHMirror:
             if channel is not None:
                 channel.settimeout(IO_TIMEOUT)
             try:
-                yield sftp
+                with SSHPipe.open(loc.user, loc.host, loc.port, transport.get_remote_server_key(),
+                                  self._auth_source, IO_TIMEOUT) as self.pipe:
+                    yield sftp
             finally:
+                self.pipe = None
                 with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                     sftp.close()  # on a dropped connection this fails too: the error is known
         finally:
@@ -216,7 +221,8 @@ class SSHMirror:
         loc = self.location
         tried: list[str] = []
 
-        def attempt(key: paramiko.PKey, what: str) -> bool:
+        def attempt(key: paramiko.PKey, what: str, source: Path | None = None) -> bool:
+            """source: the key's file, None for an agent's key."""
             tried.append(what)
             try:
                 transport.auth_publickey(loc.user, key)
@@ -229,6 +235,8 @@ class SSHMirror:
             except (paramiko.SSHException, EOFError, OSError) as e:
                 raise BuildError(f"mirror {loc}: connection lost while authenticating: "
                                  f"{os_reason(e)}") from None
+            if transport.is_authenticated():
+                self._auth_source = source or key
             return transport.is_authenticated()
 
         locked: list[Path] = []  # passphrase-protected key files the agent could not stand in for
@@ -242,7 +250,7 @@ class SSHMirror:
             if self.identity_file is not None:
                 key = self._load_key(self.identity_file)
                 if key is not None:
-                    if attempt(key, str(self.identity_file)):
+                    if attempt(key, str(self.identity_file), self.identity_file):
                         return
                 else:  # as OpenSSH does: the agent's copy of a protected identity file
                     public = _public_blob(self.identity_file)
@@ -265,7 +273,7 @@ class SSHMirror:
                         if _passphrase_protected(e):
                             locked.append(path)
                         continue  # unreadable or not a key: OpenSSH skips it too
-                    if attempt(default_key, str(path)):
+                    if attempt(default_key, str(path), path):
                         return
         finally:
             if agent is not None:
@@ -315,7 +323,7 @@ class SSHMirror:
                 replace: bool = False) -> list[str]:
         run = Publish(where=str(self.location), host=self.location.host, root=self.location.root,
                       http_base=self.http_base, io_timeout=IO_TIMEOUT, progress=self.progress,
-                      check_free_space=self.check_free_space)
+                      check_free_space=self.check_free_space, pipe=lambda: self.pipe)
         self.stats = run.stats  # connect() records the cipher in it
         return run.run(self.connect, artifacts, dest, replace)
 

@@ -49,7 +49,8 @@ from osimage.errors import BuildError
 from osimage.netreason import os_reason
 from osimage.publish.artifacts import Artifact, ThreadedHasher, parse_checksum_file
 from osimage.publish.mirrorlock import PublishLock, lock_path, refuse_replacing
-from osimage.runner import check_interrupted
+from osimage.publish.sshpipe import PipeUnavailable, SSHPipe
+from osimage.runner import check_interrupted, say
 from osimage.sizes import human
 
 REQUEST_SIZE = 255 * 1024  # OpenSSH's sftp-server takes messages up to 256 KiB
@@ -58,6 +59,8 @@ WRITES_IN_FLIGHT = 32  # unanswered writes; the server's SSH window (2 MiB) limi
 HTTP_CONNECT_TIMEOUT = 15.0
 HTTP_TIMEOUT = 60.0
 DISK_FULL_SLACK = 4 * REQUEST_SIZE
+# below this a file goes over the SFTP session: an ssh connection costs more than it saves
+PIPE_MIN_SIZE = 32 << 20
 RESUME_HINT = ("the partial upload stays on the mirror: publishing the same files again "
                "sends only the rest")
 
@@ -74,6 +77,7 @@ class TransferStats:
     files_sent: int = 0
     files_already_there: int = 0
     cipher: str = ""
+    channel: str = "sftp"  # how the last large file went: "ssh" (OpenSSH client) or "sftp"
     upload_seconds: float = 0.0
     verify_seconds: float = 0.0
 
@@ -179,10 +183,13 @@ class Publish:
     io_timeout: float
     progress: Progress | None = None
     check_free_space: bool = True
+    pipe: Callable[[], SSHPipe | None] = lambda: None  # the OpenSSH client, if there is one
+    pipe_min_size: int = PIPE_MIN_SIZE
     stats: TransferStats = field(default_factory=TransferStats)
     _phase: str = "connecting"
     _renamed: list[_Item] = field(default_factory=list)
     _lock: PublishLock | None = None
+    _large_left: int = 0  # files still to go through the pipe
 
     def run(self, connect: Connect, artifacts: Sequence[Artifact], dest: str,
             replace: bool = False) -> list[str]:
@@ -195,6 +202,9 @@ class Publish:
                                hashlib.sha256(data).hexdigest(), data=data))
         remote_dir = posixpath.join(self.root, dest)
         with connect() as sftp:
+            pipe = self.pipe()
+            if pipe is not None and any(item.size >= self.pipe_min_size for item in items):
+                pipe.prestart()  # its handshake overlaps the folder, lock and listing work
             lock = PublishLock(SFTPLockFiles(sftp), remote_dir,
                                f"{self.host}:{lock_path(remote_dir)}")
             try:
@@ -205,6 +215,8 @@ class Publish:
                 self._lock = lock
                 self._plan(sftp, items, remote_dir, dest, replace)
                 start = time.monotonic()
+                self._large_left = sum(1 for item in items
+                                       if not item.skip and item.size >= self.pipe_min_size)
                 for item in items:
                     if not item.skip:
                         self._upload(sftp, item, remote_dir)
@@ -308,7 +320,8 @@ class Publish:
         return True
 
     def _upload(self, sftp: paramiko.SFTPClient, item: _Item, remote_dir: str) -> None:
-        """Send item to its partial name, hashing the bytes as they are read."""
+        """Send item to its partial name, hashing the bytes as they are read: a large file
+        through the OpenSSH client when there is one, else (and small files) over SFTP."""
         target = posixpath.join(remote_dir, item.partial)
         self._phase = f"uploading {item.name}"
         hasher = ThreadedHasher()
@@ -322,22 +335,32 @@ class Publish:
                     hasher.update(block)
                     done += len(block)
                     check_interrupted()
-                mode = "r+" if item.offset and done == item.offset else "w"
+                resume = bool(item.offset) and done == item.offset
                 self.stats.bytes_resumed += done
-                wire = _Wire(sftp)
-                with sftp.open(target, mode, bufsize=0) as dst:
-                    item.partial_exists = True
-                    dst.chmod(0o644)
-                    while block := src.read(BLOCK):
-                        wire.write(dst.handle, done, block)
-                        hasher.update(block)
-                        done += len(block)
-                        self.stats.bytes_sent += len(block)
-                        self._tick()
-                        if self.progress is not None:
-                            self.progress(item.name, done, item.size)
-                    wire.finish_writes()
-                    wire.fsync(dst.handle)
+
+                def sent(block: bytes) -> None:
+                    nonlocal done
+                    hasher.update(block)
+                    done += len(block)
+                    self.stats.bytes_sent += len(block)
+                    self._tick()
+                    if self.progress is not None:
+                        self.progress(item.name, done, item.size)
+
+                item.partial_exists = True
+                pipe = self.pipe() if item.size >= self.pipe_min_size else None
+                if pipe is not None:
+                    try:
+                        self._send_pipe(sftp, pipe, target, resume, src, sent)
+                    except PipeUnavailable as e:  # raised before any byte was taken
+                        self.pipe = lambda: None  # for the rest of this publish
+                        say(f"mirror {self.where}: ssh cannot run commands there ({e}); "
+                            "sending over SFTP")
+                        pipe = None
+                if pipe is None:
+                    if item.size >= self.pipe_min_size:
+                        self.stats.channel = "sftp"
+                    self._send_sftp(sftp, target, resume, src, sent)
         finally:
             digest = hasher.hexdigest()
         if digest != item.sha256 or done != item.size:
@@ -351,6 +374,38 @@ class Publish:
             raise BuildError(f"mirror: {item.name} is {size} bytes on the mirror after "
                              f"upload, expected {item.size}; nothing was published")
         self.stats.files_sent += 1
+
+    def _send_pipe(self, sftp: paramiko.SFTPClient, pipe: SSHPipe, target: str, resume: bool,
+                   src: IO[bytes], sent: Callable[[bytes], None]) -> None:
+        """The bytes through `ssh ... cat`; SFTP makes the file private to us, sized for a
+        resume, readable by the web server and durable."""
+        if resume:
+            sftp.truncate(target, src.tell())  # the torn tail goes; cat appends from here
+        else:
+            sftp.open(target, "w").close()
+        sftp.chmod(target, 0o644)
+        self.stats.channel = "ssh"
+        pipe.send(target, iter(lambda: src.read(BLOCK), b""), sent)
+        self._large_left -= 1
+        if self._large_left > 0:
+            pipe.prestart()  # for the next large file, while this one is made durable
+        self.stats.cipher = pipe.cipher or self.stats.cipher
+        with sftp.open(target, "r+") as dst:
+            _Wire(sftp).fsync(dst.handle)
+
+    @staticmethod
+    def _send_sftp(sftp: paramiko.SFTPClient, target: str, resume: bool, src: IO[bytes],
+                   sent: Callable[[bytes], None]) -> None:
+        wire = _Wire(sftp)
+        done = src.tell()
+        with sftp.open(target, "r+" if resume else "w", bufsize=0) as dst:
+            dst.chmod(0o644)
+            while block := src.read(BLOCK):
+                wire.write(dst.handle, done, block)
+                done += len(block)
+                sent(block)
+            wire.finish_writes()
+            wire.fsync(dst.handle)
 
     def _failure(self, sftp: paramiko.SFTPClient, e: BaseException, items: Sequence[_Item],
                  remote_dir: str) -> BuildError:

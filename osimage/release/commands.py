@@ -11,7 +11,7 @@ import json
 import re
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -197,8 +197,10 @@ def _entry_from_build(root: Path, image: str, version: str | None) -> ImageEntry
         if not digest or not data.get("mirror_path") or "size" not in f:
             raise ReleaseError(f"{shown}: build {data['version']} of {image} does not record "
                                f"the size, sha256 and mirror_path of {name or 'its files'}")
+        in_s3 = ((data.get("exports") or {}).get("s3") or {}).get(name)
         files.append(FileEntry(path=f"{data['mirror_path']}/{Path(name).name}",
-                               size=int(f["size"]), sha256=str(digest), kind=f.get("kind")))
+                               size=int(f["size"]), sha256=str(digest), kind=f.get("kind"),
+                               s3=in_s3))
     if not files:
         raise ReleaseError(f"{shown}: build {data['version']} of {image} has no files")
     return ImageEntry(version=str(data["version"]), git_commit=str(data["git_commit"]),
@@ -363,8 +365,15 @@ class Row:
 
 
 def verify(release: Release, reader: MirrorReader) -> list[Row]:
-    return [Row(image, f, reader.measure(f.path, f.size).mismatch(f))
-            for image, f in release.files()]
+    """Each file on the mirror; a file also in S3 (osimage/publish/s3.py) there too."""
+    rows = []
+    for image, f in release.files():
+        rows.append(Row(image, f, reader.measure(f.path, f.size).mismatch(f)))
+        if f.s3 is not None:
+            from osimage.publish import s3
+
+            rows.append(Row(image, replace(f, path=f.s3), s3.measure(f.s3, f.size, f.sha256)))
+    return rows
 
 
 def verify_table(rows: Sequence[Row]) -> str:

@@ -51,11 +51,14 @@ class FileEntry:
     size: int
     sha256: str
     kind: str | None = None
+    s3: str | None = None  # the object's URL, for a file also in the site's S3 bucket
 
     def to_yaml(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
         if self.kind is not None:
             out["kind"] = self.kind
+        if self.s3 is not None:
+            out["s3"] = self.s3
         return out
 
 
@@ -96,7 +99,7 @@ class Release:
 
 def _image_entry(data: Mapping[str, Any]) -> ImageEntry:
     files = tuple(FileEntry(path=str(f["path"]), size=int(f["size"]), sha256=str(f["sha256"]),
-                            kind=f.get("kind")) for f in data["files"])
+                            kind=f.get("kind"), s3=f.get("s3")) for f in data["files"])
     return ImageEntry(version=str(data["version"]), git_commit=str(data["git_commit"]),
                       files=files)
 
