@@ -29,6 +29,8 @@ APT_PACKAGES=(
     shellcheck
     # --debug: the serial console command it prints (socat -,raw,echo=0 UNIX-CONNECT:...)
     socat
+    # libvirt driver native: installer ISOs (virt-install --location, --initrd-inject)
+    virtinst
 )
 
 missing=()
