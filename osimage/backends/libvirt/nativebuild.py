@@ -15,7 +15,8 @@ no `packer init`, Packer 1.6.6 is enough, and every provisioner works as with qe
                              downloaded through a stream and flattened into a standalone qcow2
 
 The domain and the overlay are removed when the build ends, however it ends (--keep-failed
-keeps them after a failure). For now a disk source only; an ISO install is issue 15's rest.
+keeps them after a failure). An ISO source (installer or live system) boots through
+install.py instead of an overlay.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 from osimage import runner
 from osimage.backends.libvirt import hypervisor as lv
-from osimage.backends.libvirt import native
+from osimage.backends.libvirt import install, native
 from osimage.backends.libvirt import steps as plugin_steps
 from osimage.backends.libvirt import streams as libvirt_streams
 from osimage.build import packer, render
@@ -54,11 +55,6 @@ def _state(ctx: BuildContext) -> plugin_steps.LibvirtBuild:
 def step_connect(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     build = _state(ctx)
     s = build.settings
-    src = plugin_steps.source_of(ctx)
-    if src.kind != "disk":
-        raise ConfigError(f"{s.shown}: libvirt.driver: native builds only images with a disk "
-                          f"source for now; images/{ctx.image.name} installs from an ISO "
-                          f"(use driver: plugin)")
     if s.bridge:
         raise ConfigError(f"{s.shown}: libvirt.bridge: driver native needs a managed network "
                           f"for now (libvirt.network)")
@@ -110,6 +106,8 @@ def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     if not render.sources_of(parsed):
         raise BuildError(f"{hcl}: the rendered HCL has no source block")
     packer.validate(ctx.site.packer_binary, hcl, ctx.work_dir)
+    if install.is_iso(ctx):  # an installer or live ISO: how virt-install will boot it
+        install.write_command(ctx)
     ctx.inputs_sha256 = core.inputs_hash(ctx)
     ctx.reporter.info(f"    rendered {shown} (a null source; the guest's address is filled in "
                       f"once it has one)")
@@ -117,6 +115,10 @@ def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 
 def step_boot(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     """The overlay and the tagged domain, booted; the HCL rendered again with its address."""
+    if install.is_iso(ctx):  # an installer or live ISO (install.py)
+        hcl, text = _write_hcl(ctx, install.boot(ctx, stack))
+        hcl.write_text(text)
+        return
     build = _state(ctx)
     s = build.settings
     assert build.source is not None and ctx.key_file is not None
@@ -159,6 +161,9 @@ def step_download(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         how = {"acpi": "the ACPI power button", "destroyed": "destroy"}.get(
             native.shutdown(vm.dom, ACPI_WAIT), "itself")
     ctx.reporter.info(f"    domain {vm.spec.name} stopped by {how}")
+    if install.is_iso(ctx):  # the target volume is the disk (install.py)
+        install.step_download(ctx, stack)
+        return
     disk = ctx.image.data["outputs"]["disk"]
     fmt = disk.get("format", "qcow2")
     compress = disk.get("compression", "none") == "zstd" and fmt == "qcow2"
