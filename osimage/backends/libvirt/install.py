@@ -145,6 +145,12 @@ def _local_iso(ctx: BuildContext) -> Path:
     return Path(src.location).resolve()
 
 
+def check_source(ctx: BuildContext) -> None:
+    """Before anything is uploaded: an installer's ISO must be on this machine."""
+    if is_iso(ctx) and plan(ctx).kind == "location":
+        _local_iso(ctx)
+
+
 def virt_install_argv(ctx: BuildContext, p: Plan, vols: Volumes) -> list[str]:
     """virt-install printing the domain's XML (its first boot: the install)."""
     build = plugin_steps.state(ctx)
@@ -161,7 +167,8 @@ def virt_install_argv(ctx: BuildContext, p: Plan, vols: Volumes) -> list[str]:
     src = plugin_steps.source_of(ctx)
     if p.kind == "location":
         assert p.inject is not None
-        argv += ["--location", str(_local_iso(ctx)), "--initrd-inject", str(p.inject),
+        location = src.location if "://" in src.location else str(_local_iso(ctx))
+        argv += ["--location", location, "--initrd-inject", str(p.inject),
                  "--extra-args", p.kernel_args]
     else:
         argv += ["--disk", f"vol={s.pool}/{src.volume},device=cdrom,bus={s.cdrom_bus}"]
@@ -256,6 +263,8 @@ def domain_xml(printed: str, spec: native.DomainSpec, iso_volume: str | None,
     for disk in root.findall("devices/disk[@device='cdrom']"):
         if iso_volume is not None and disk.find("source[@file]") is not None:
             _set_volume_source(disk, spec.pool, iso_volume)  # --location's ISO, local path
+    for nic in root.findall("devices/interface"):  # no PXE: a disk that boots nothing must
+        ET.SubElement(nic, "rom", {"enabled": "no"})  # not get an address from iPXE
     serial = root.find("devices/serial")
     if serial is not None and spec.serial_log:
         ET.SubElement(serial, "log", {"file": spec.serial_log, "append": "on"})

@@ -58,6 +58,7 @@ def step_connect(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     if s.bridge:
         raise ConfigError(f"{s.shown}: libvirt.bridge: driver native needs a managed network "
                           f"for now (libvirt.network)")
+    install.check_source(ctx)
     build.conn = lv.connect(s.uri)
     stack.callback(_close, build.conn)
     ctx.reporter.info(f"    {s.uri}: pool {s.pool}, network {s.network or s.bridge}")
