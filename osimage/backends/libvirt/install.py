@@ -409,7 +409,9 @@ def boot(ctx: BuildContext, stack: contextlib.ExitStack) -> str:
     stack.push(keep_if_failed)
     ctx.state["native_vm"] = vm
     where = f"images/{ctx.image.name}/image.yaml"
+    # ssh.timeout covers the install and the installed system's boot, as with qemu
     ssh_timeout = _seconds(ctx.image.data.get("ssh", {}).get("timeout", "10m"), where)
+    deadline = time.monotonic() + ssh_timeout
     shown = f"{XML_FILE} and {COMMAND_FILE} in {ctx.work_dir}"
     if p.kind == "location":
         ctx.reporter.info(f"    domain {spec.name} installing from {p.inject and p.inject.name} "
@@ -430,7 +432,8 @@ def boot(ctx: BuildContext, stack: contextlib.ExitStack) -> str:
             sent = native.send_boot_command(
                 vm.dom, native.parse_boot_command(list(p.boot_command), f"{where}: boot_command"))
             ctx.reporter.info(f"    typed the boot_command ({sent} keys)")
-    addr = native.wait_for_address(vm.dom, s.address_source, timeout=ssh_timeout)
+    addr = native.wait_for_address(vm.dom, s.address_source,
+                                   timeout=max(1.0, deadline - time.monotonic()))
     ctx.reporter.info(f"    guest address {addr} (from {s.address_source})")
     return addr
 
