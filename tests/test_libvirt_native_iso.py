@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -42,6 +43,9 @@ libvirt:
 """
 DI_PACKAGE = "debian-installer-12-netboot-amd64"
 DI_FILES = "usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64"
+ISOLINUX = Path("/usr/lib/ISOLINUX/isolinux.bin")
+LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+TYPED = "osimage.typed=SendKey-OK"
 HTTP = "http://{{ .HTTPIP }}:{{ .HTTPPort }}"  # Packer's HTTP server, as image.yaml says it
 MARKER = "osimage-preseed: the injected preseed reached the installer"
 TREEINFO = """\
@@ -132,30 +136,40 @@ def di_iso(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("linux", "initrd.gz"):
         shutil.copy(work / "x" / DI_FILES / name, tree / name)
     (tree / ".treeinfo").write_text(TREEINFO)
+    # also bootable as a CD: isolinux waits at its prompt for a typed command line
+    (tree / "isolinux").mkdir()
+    for f in (ISOLINUX, LDLINUX):
+        shutil.copy(f, tree / "isolinux")
+    (tree / "isolinux" / "isolinux.cfg").write_text("SERIAL 0 115200\nPROMPT 1\nTIMEOUT 0\n")
     iso = work / "di.iso"
     subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-R", "-J", "-V", "DI_TEST",
-                    "-o", str(iso), str(tree)], check=True, capture_output=True)
+                    "-c", "isolinux/boot.cat", "-b", "isolinux/isolinux.bin", "-no-emul-boot",
+                    "-boot-load-size", "4", "-boot-info-table", "-o", str(iso), str(tree)],
+                   check=True, capture_output=True)
     shutil.rmtree(work / "x")
     return iso
 
 
-def di_image(repo: Path, iso: Path) -> None:
-    folder = repo / "images" / "di-test"
+def di_image(repo: Path, iso: Path, name: str = "di-test",
+             boot: str = f"<wait>auto=true priority=critical preseed/url={HTTP}/preseed.cfg "
+                         f"console=ttyS0,115200n8<enter>") -> None:
+    folder = repo / "images" / name
     (folder / "http").mkdir(parents=True)
-    local = repo / "build" / "sources" / "di-test" / "di.iso"
+    local = repo / "build" / "sources" / name / "di.iso"
     local.parent.mkdir(parents=True)
     shutil.copy(iso, local)
     sha = hashlib.sha256(local.read_bytes()).hexdigest()
     (folder / "image.yaml").write_text(f"""\
 description: Debian's netboot installer with an injected preseed (tests only)
 source:
-  iso: build/sources/di-test/di.iso
+  iso: build/sources/{name}/di.iso
   checksum: sha256:{sha}
 disk_size: 64M
 memory: 768
 cpus: 1
+boot_wait: 15s
 boot_command:
-  - "<wait>auto=true priority=critical preseed/url={HTTP}/preseed.cfg console=ttyS0,115200n8<enter>"
+  - "{boot}"
 http_directory: http
 ssh:
   username: root
@@ -171,7 +185,7 @@ outputs:
     (folder / "http" / "preseed.cfg").write_text(
         f'd-i preseed/early_command string echo "{MARKER}" >/dev/ttyS0; sleep 1; poweroff -f\n')
     git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "di-test")
+    git(repo, "commit", "-qm", name)
 
 
 @pytest.mark.vm
@@ -183,13 +197,8 @@ def test_preseed_injected_into_debian_installer(netns_env: NetnsLibvirt, repo: P
     env = netns_env
     native_site(repo, env)
     di_image(repo, di_iso)
-    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    full_env.pop("OSIMAGE_ROOT", None)
     t0 = time.monotonic()
-    proc = subprocess.Popen(env.exec_argv([sys.executable, str(repo / "build.py"), "di-test",
-                                           "--site", str(repo / "site.yaml")]),
-                            cwd=repo, env=full_env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_build(env, repo, "di-test")
     seen: list[str] = []
     try:
         assert proc.stderr is not None
@@ -218,3 +227,53 @@ def test_preseed_injected_into_debian_installer(netns_env: NetnsLibvirt, repo: P
     assert "Traceback" not in text
     assert leftovers(env) == []
     assert not (repo / "images" / "di-test" / "manifest.json").exists()
+
+
+def start_build(env: NetnsLibvirt, repo: Path, image: str) -> subprocess.Popen[str]:
+    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    full_env.pop("OSIMAGE_ROOT", None)
+    return subprocess.Popen(env.exec_argv([sys.executable, str(repo / "build.py"), image,
+                                           "--site", str(repo / "site.yaml")]),
+                            cwd=repo, env=full_env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.vm
+def test_boot_command_typed_at_the_cd_prompt(netns_env: NetnsLibvirt, repo: Path,
+                                             di_iso: Path) -> None:
+    """A live CD driven by typed keys: the boot_command (no installer configuration in it)
+    typed through virDomainSendKey at isolinux's prompt becomes the kernel's command line,
+    which the kernel prints on the serial console; Ctrl-C then leaves nothing."""
+    env = netns_env
+    native_site(repo, env)
+    di_image(repo, di_iso, "keys-test",
+             f"/linux initrd=/initrd.gz console=ttyS0,115200n8 {TYPED}<enter>")
+    t0 = time.monotonic()
+    proc = start_build(env, repo, "keys-test")
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            seen.append(line)
+            if "typed the boot_command" in line:
+                break
+        else:
+            pytest.fail("the build ended before typing: " + "".join(seen))
+        [work] = [p for p in (repo / "build" / "keys-test").iterdir() if p.is_dir()]
+        log = work / "serial.log"
+        deadline = time.monotonic() + 120
+        typed = re.compile(rf"Command line: .*initrd=/initrd.gz console=ttyS0,115200n8 {TYPED}")
+        while not typed.search(log.read_text(errors="replace")):
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        print(f"boot_command typed and booted: {time.monotonic() - t0:.1f} s from ./build.py")
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(seen) + err
+    assert proc.returncode == 130, text
+    assert "as a CD" in text and "Traceback" not in text
+    assert leftovers(env) == []
