@@ -31,6 +31,8 @@ APT_PACKAGES=(
     socat
     # release sign/verify (gpg) and the release page's test in a headless browser
     gnupg chromium
+    # libvirt driver native: installer ISOs (virt-install --location, --initrd-inject)
+    virtinst
 )
 
 missing=()

@@ -16,8 +16,8 @@ no `packer init`, Packer 1.6.6 is enough, and every provisioner works as with qe
                              downloaded through a stream and flattened into a standalone qcow2
 
 The domain, the overlay and the record are removed when the build ends, however it ends
-(--keep-failed keeps them after a failure). For now a disk source only; an ISO install is
-issue 15's rest.
+(--keep-failed keeps them after a failure). An ISO source (installer or live system) boots through
+install.py instead of an overlay.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 from osimage import runner
 from osimage.backends.libvirt import clean as libvirt_clean
 from osimage.backends.libvirt import hypervisor as lv
-from osimage.backends.libvirt import native
+from osimage.backends.libvirt import install, native
 from osimage.backends.libvirt import steps as plugin_steps
 from osimage.backends.libvirt import streams as libvirt_streams
 from osimage.build import packer, render
@@ -60,14 +60,10 @@ def _state(ctx: BuildContext) -> plugin_steps.LibvirtBuild:
 def step_connect(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     build = _state(ctx)
     s = build.settings
-    src = plugin_steps.source_of(ctx)
-    if src.kind != "disk":
-        raise ConfigError(f"{s.shown}: libvirt.driver: native builds only images with a disk "
-                          f"source for now; images/{ctx.image.name} installs from an ISO "
-                          f"(use driver: plugin)")
     if s.bridge:
         raise ConfigError(f"{s.shown}: libvirt.bridge: driver native needs a managed network "
                           f"for now (libvirt.network)")
+    install.check_source(ctx)
     lv.ssh_bastion(s.uri, f"{s.shown}: libvirt.uri")  # a URI without a key fails here, exit 2
     libvirt = lv.libvirt_module()
     try:
@@ -124,6 +120,8 @@ def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     if not render.sources_of(parsed):
         raise BuildError(f"{hcl}: the rendered HCL has no source block")
     packer.validate(ctx.site.packer_binary, hcl, ctx.work_dir)
+    if install.is_iso(ctx):  # an installer or live ISO: how virt-install will boot it
+        install.write_command(ctx)
     ctx.inputs_sha256 = core.inputs_hash(ctx)
     ctx.reporter.info(f"    rendered {shown} (a null source; the guest's address is filled in "
                       f"once it has one)")
@@ -172,6 +170,9 @@ def step_boot(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     """The build's record, then the overlay and the tagged domain, booted; the HCL rendered
     again with its address. Each phase says so on a line of its own."""
     build = _state(ctx)
+    if install.is_iso(ctx):  # an installer or live ISO (install.py)
+        _reached(ctx, build, install.boot(ctx, stack))
+        return
     s = build.settings
     assert build.source is not None and ctx.key_file is not None
     source = lv.lookup_volume(build.conn, s.pool, build.source.name)
@@ -211,7 +212,12 @@ def step_boot(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     ctx.reporter.info(f"    domain {spec.name} ({s.pool}/{disk} over {build.source.name}) "
                       f"started in {sum(vm.timings.values()):.1f} s; waiting for its address "
                       f"from {s.address_source} (at most {timeout:.0f} s)")
-    addr = native.wait_for_address(vm.dom, s.address_source, timeout=timeout)
+    _reached(ctx, build, native.wait_for_address(vm.dom, s.address_source, timeout=timeout))
+
+
+def _reached(ctx: BuildContext, build: plugin_steps.LibvirtBuild, addr: str) -> None:
+    """The guest has its address: the HCL rendered again with it, the --debug login line."""
+    s = build.settings
     bastion = _bastion(ctx, build)
     hcl, text = _write_hcl(ctx, addr, bastion)
     hcl.write_text(text)
@@ -234,6 +240,9 @@ def step_download(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
             native.shutdown(vm.dom, ACPI_WAIT), "itself")
     ctx.reporter.info(f"    domain {vm.spec.name} stopped by {how} "
                       f"({time.monotonic() - t0:.1f} s)")
+    if install.is_iso(ctx):  # the target volume is the disk (install.py)
+        install.step_download(ctx, stack)
+        return
     disk = ctx.image.data["outputs"]["disk"]
     fmt = disk.get("format", "qcow2")
     compress = disk.get("compression", "none") == "zstd" and fmt == "qcow2"
