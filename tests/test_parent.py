@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import build_py, git, make_repo
+from tests.netns_libvirt import NetnsLibvirt, netns_libvirt  # noqa: F401 - the fixture
+from tests.test_libvirt_native_build import build_in_netns, leftovers, native_site
 from tests.test_uptodate import watched
 
 pytestmark = pytest.mark.vm
@@ -266,3 +268,24 @@ def test_bad_parent_one_line_exit_2(layered: Layered, yaml: str, line: str) -> N
     if "debian-base" in line:
         assert "./build.py debian-base" in proc.stderr
 
+
+
+def test_libvirt_native_child(netns_env: NetnsLibvirt, repo: Path, tmp_path: Path) -> None:
+    """libvirt driver native: the parent's disk is the source volume under the build's
+    overlay; the child comes back flattened, with the parent's files and its own."""
+    add_child(repo)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "smoke-child: a layer on smoke")
+    ok(build_py(repo, "smoke"))  # the parent on the qemu backend: any clean build will do
+    parent_file, parent_sha = disk_of(builds(repo, "smoke")[-1])
+    native_site(repo, netns_env)
+    proc = ok(build_in_netns(netns_env, repo, "smoke-child"))
+    assert f"osimage-src-smoke-child-{parent_sha[:16]}" in proc.stderr
+    child = builds(repo, "smoke-child")[-1]
+    assert child["builder_type"] == "libvirt-native"
+    assert child["custom_data"]["parent"]["file"] == parent_file
+    published = repo / "mirror" / disk_of(child)[0]
+    assert "backing-filename" not in qemu_info(published)
+    assert "osimage smoke marker" in read_file(published, "/marker", tmp_path)
+    assert read_file(published, "/child-marker", tmp_path).startswith("child of smoke, ")
+    assert leftovers(netns_env) == []
