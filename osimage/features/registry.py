@@ -6,7 +6,7 @@ Adding a feature: one module with a FEATURE object, and one line here."""
 from __future__ import annotations
 
 from osimage.build.feature import Feature
-from osimage.features import debug, exports, httpdir, patches, payload
+from osimage.features import debug, exports, httpdir, packages, patches, payload
 
 FEATURES: list[Feature] = [
     debug.FEATURE,  # --break-before/--break-after around the image's own provisioners
@@ -14,4 +14,5 @@ FEATURES: list[Feature] = [
     payload.FEATURE,  # a release's image embedded in this one
     httpdir.FEATURE,  # http_directory templates rendered for the build
     exports.FEATURE,  # rootfs, kernel, squashfs, OCI: the rootfs tar made last of all
+    packages.FEATURE,  # package list and SBOM: queried in the VM after everything else
 ]
