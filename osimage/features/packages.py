@@ -24,7 +24,7 @@ import json
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +181,7 @@ def cyclonedx(plist: PackageList, image: str, version: str, epoch: int) -> str:
                         bom_ref=f"osimage:{image}@{version}")
     bom = Bom(serial_number=uuid.uuid5(uuid.NAMESPACE_URL, f"osimage:{image}@{version}"),
               metadata=BomMetaData(component=subject,
-                                   timestamp=datetime.fromtimestamp(epoch, timezone.utc)))
+                                   timestamp=datetime.fromtimestamp(epoch, UTC)))
     seen: set[str] = set()
     for p in plist.packages:
         purl = plist.purl(p)
