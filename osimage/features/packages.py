@@ -169,7 +169,7 @@ def read_document(data: bytes) -> tuple[str, list[Package]]:
 def cyclonedx(plist: PackageList, image: str, version: str, epoch: int) -> str:
     """The SBOM as CycloneDX 1.6 JSON: the same list gives the same bytes (serial number from
     the image and version, timestamp the commit's time, bom-refs the purls)."""
-    from cyclonedx.factory.license import LicenseFactory
+    from cyclonedx.contrib.license.factories import LicenseFactory
     from cyclonedx.model.bom import Bom, BomMetaData
     from cyclonedx.model.component import Component, ComponentType
     from cyclonedx.model.license import DisjunctiveLicense
