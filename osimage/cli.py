@@ -309,8 +309,8 @@ def release_show_cmd(name: str | None, image: str | None, as_json: bool, package
         if image is None or not packages:
             raise ConfigError("--packages: name the release and the image, "
                               "e.g. release show 2.4.0 smoke --packages")
-        reader = release.open_reader(root, site_file, mirror_url)
-        click.echo(packagediff.show_packages(m.get(name), image, reader))
+        click.echo(packagediff.show_packages(
+            m.get(name), image, lambda: release.open_reader(root, site_file, mirror_url)))
     else:
         rel = m.get(name)
         click.echo(release.release_json(rel) if as_json else release.show_release(rel))
@@ -335,12 +335,14 @@ def release_diff_cmd(old: str, new: str, as_json: bool, mirror_url: str | None,
     root = project_root()
     m = release.load(root)
     a, b = m.get(old), m.get(new)
-    reader = release.open_reader(root, site_file, mirror_url)
-    changes = packagediff.diff(a, b, reader)
+    changes = packagediff.diff(a, b, lambda: release.open_reader(root, site_file, mirror_url))
     if as_json:
         click.echo(json.dumps(changes.to_json(), indent=2))
         return
-    for line in [*release.diff(a, b), *packagediff.diff_lines(changes)]:
+    lines = release.diff(a, b)
+    # the package lines join the images' before the patch tarball's line (the last one)
+    at = len(lines) - 1 if lines and lines[-1].startswith("~ patches:") else len(lines)
+    for line in [*lines[:at], *packagediff.diff_lines(changes), *lines[at:]]:
         click.echo(line)
 
 

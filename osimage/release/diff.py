@@ -10,9 +10,10 @@ A release recorded before package lists existed says so instead of failing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +69,8 @@ class Recorded:
     missing: str | None = None
 
 
-def recorded(release: Release, image: str, reader: commands.MirrorReader) -> Recorded:
+def recorded(release: Release, image: str,
+             reader: Callable[[], commands.MirrorReader]) -> Recorded:
     entry = release.images.get(image)
     if entry is None:
         return Recorded(missing=f"{image} is not in release {release.name}")
@@ -76,12 +78,12 @@ def recorded(release: Release, image: str, reader: commands.MirrorReader) -> Rec
     if f is None:
         return Recorded(missing=f"no package list recorded for {image} in release "
                                 f"{release.name}")
-    data = read_mirror_file(reader, f.path)
+    data = read_mirror_file(reader(), f.path)
     if data is None:
-        raise ReleaseError(f"{f.path}: missing on the {reader.describe()} (the package list "
+        raise ReleaseError(f"{f.path}: missing on the {reader().describe()} (the package list "
                            f"release {release.name} records for {image})")
     if hashlib.sha256(data).hexdigest() != f.sha256:
-        raise ReleaseError(f"{f.path}: its sha256 on the {reader.describe()} is not the one "
+        raise ReleaseError(f"{f.path}: its sha256 on the {reader().describe()} is not the one "
                            f"release {release.name} records", hint=f"./build.py release verify "
                                                                     f"{release.name}")
     try:
@@ -145,6 +147,10 @@ def compare_lists(image: str, manager: str, old: Sequence[Package],
     return d
 
 
+class NoIndex(ReleaseError):
+    """A patch tarball published without its index (by hand): its advisories are unknown."""
+
+
 def advisories(release: Release, reader: commands.MirrorReader) -> dict[str, str] | None:
     """{advisory id: type} of the release's patch tarball, from the index beside it; None
     without a tarball."""
@@ -154,8 +160,7 @@ def advisories(release: Release, reader: commands.MirrorReader) -> dict[str, str
     stem = next((path.removesuffix(s) for s in SUFFIX.values() if path.endswith(s)), path)
     data = read_mirror_file(reader, f"{stem}.index.json")
     if data is None:
-        raise ReleaseError(f"{stem}.index.json: missing on the {reader.describe()} (the index "
-                           f"of release {release.name}'s patch tarball)")
+        raise NoIndex(f"no index beside {path} on the {reader.describe()}")
     try:
         doc = json.loads(data)
         if doc.get("sha256") not in (None, release.patches.sha256):
@@ -173,15 +178,20 @@ class ReleaseDiff:
     b: str
     images: list[ImageDiff]
     advisories: dict[str, str] | None  # applied by B, not by A; None: B has no tarball
+    advisories_note: str | None = None  # why they are not known
 
     def to_json(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b,
                 "images": {d.image: d.to_json() for d in self.images},
                 "advisories": None if self.advisories is None else
-                [{"id": k, "type": v} for k, v in self.advisories.items()]}
+                [{"id": k, "type": v} for k, v in self.advisories.items()],
+                "advisories_note": self.advisories_note}
 
 
-def diff(a: Release, b: Release, reader: commands.MirrorReader) -> ReleaseDiff:
+def diff(a: Release, b: Release, open_reader: Callable[[], commands.MirrorReader]) -> ReleaseDiff:
+    """The mirror is opened only when a release records something to read there: the file
+    diff of two releases recorded before package lists needs no mirror."""
+    reader = functools.cache(open_reader)
     images = []
     for image in dict.fromkeys([*a.images, *b.images]):
         old, new = recorded(a, image, reader), recorded(b, image, reader)
@@ -193,11 +203,15 @@ def diff(a: Release, b: Release, reader: commands.MirrorReader) -> ReleaseDiff:
                                                 f"{a.name}, {new.manager} in {b.name}"))
         else:
             images.append(compare_lists(image, new.manager, old.packages, new.packages))
-    applied = advisories(b, reader)
-    if applied is not None:
-        before = advisories(a, reader) or {}
-        applied = {k: v for k, v in applied.items() if k not in before}
-    return ReleaseDiff(a.name, b.name, images, applied)
+    if b.patches is None or a.patches == b.patches:
+        return ReleaseDiff(a.name, b.name, images, None if b.patches is None else {})
+    try:
+        applied = advisories(b, reader()) or {}
+        before = advisories(a, reader()) or {}
+    except NoIndex as e:
+        return ReleaseDiff(a.name, b.name, images, None, f"not known ({e})")
+    return ReleaseDiff(a.name, b.name, images,
+                       {k: v for k, v in applied.items() if k not in before})
 
 
 def diff_lines(d: ReleaseDiff) -> list[str]:
@@ -212,13 +226,15 @@ def diff_lines(d: ReleaseDiff) -> list[str]:
         out += [f"    - {c.name} {c.old} ({c.arch})" for c in i.removed]
         out += [f"    upgraded {c.name} {c.old} -> {c.new} ({c.arch})" for c in i.upgraded]
         out += [f"    downgraded {c.name} {c.old} -> {c.new} ({c.arch})" for c in i.downgraded]
-    if d.advisories is not None:
-        ids = ", ".join(f"{k} ({v})" if v else k for k, v in d.advisories.items())
-        out.append(f"  advisories {d.b} applies that {d.a} did not: {ids or 'none'}")
+    if d.advisories is not None or d.advisories_note is not None:
+        ids = ", ".join(f"{k} ({v})" if v else k for k, v in (d.advisories or {}).items())
+        out.append(f"  advisories {d.b} applies that {d.a} did not: "
+                   f"{d.advisories_note or ids or 'none'}")
     return out
 
 
-def show_packages(release: Release, image: str, reader: commands.MirrorReader) -> str:
+def show_packages(release: Release, image: str,
+                  reader: Callable[[], commands.MirrorReader]) -> str:
     """`release show X IMAGE --packages`: the image's package list in release X."""
     if image not in release.images:
         raise ReleaseError(f"release {release.name} has no image {image} "
