@@ -193,7 +193,7 @@ def diff(a: Release, b: Release, open_reader: Callable[[], commands.MirrorReader
     diff of two releases recorded before package lists needs no mirror."""
     reader = functools.cache(open_reader)
     images = []
-    for image in dict.fromkeys([*a.images, *b.images]):
+    for image in [i for i in a.images if i in b.images]:  # the file diff names the others
         old, new = recorded(a, image, reader), recorded(b, image, reader)
         note = old.missing or new.missing
         if note is not None:
