@@ -222,3 +222,20 @@ def test_release_diff_names_the_new_advisories(builds: Builds) -> None:
         in proc.stdout
     as_json = json.loads(builds.run("release", "diff", "A", "B", "--json").stdout)
     assert as_json["advisories"] == [{"id": "SMOKE-2026:2", "type": "security/Important"}]
+
+
+def test_a_changed_list_on_the_mirror_is_refused(builds: Builds) -> None:
+    """The diff reads what the release recorded, or says it cannot: one line, exit 1."""
+    listed = builds.published(builds.version_b) / "smoke.packages.json"
+    kept = listed.read_bytes()
+    listed.write_bytes(kept.replace(b'"1.10"', b'"1.11"'))
+    try:
+        proc = builds.run("release", "diff", "A", "B")
+    finally:
+        listed.write_bytes(kept)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: builds/smoke/{builds.version_b}/smoke.packages.json: its sha256 "
+                      "on the local mirror "
+                      f"{builds.repo / 'mirror'} is not the one release B records"], proc.stderr
+    assert "Traceback" not in proc.stderr
