@@ -44,12 +44,12 @@ def build(repo: Path, image: str) -> tuple[float, str]:
 
 def step_time(stderr: str) -> tuple[float, float]:
     """(in the VM, on the host): from the upload of the list-packages provisioner's
-    environment to the first line after the remove-package-list provisioner."""
+    environment to the first line after the list's download."""
     stamps = [(float(m[1]), m[2]) for m in map(STAMP.match, stderr.splitlines()) if m]
     start = next(t for t, text in stamps if "list-packages" in text)
-    removed = next(i for i, (_, text) in enumerate(stamps) if "remove-package-list" in text
-                   and text.startswith("Provisioning"))
-    end = stamps[removed + 1][0] if removed + 1 < len(stamps) else stamps[removed][0]
+    fetched = next(i for i, (_, text) in enumerate(stamps)
+                   if text.startswith("Downloading /dev/shm/osimage-packages.txt"))
+    end = stamps[fetched + 1][0] if fetched + 1 < len(stamps) else stamps[fetched][0]
     host = HOST_STEP.search(stderr)
     return end - start, float(host[1]) if host else 0.0
 
