@@ -372,17 +372,32 @@ def release_publish_index_cmd(mirror_url: str | None, accept_new_host_key: bool,
 
 @release_group.command("show")
 @click.argument("name", metavar="[RELEASE]", required=False)
+@click.argument("image", metavar="[IMAGE]", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print RELEASE as JSON.")
-def release_show_cmd(name: str | None, as_json: bool) -> None:
-    """List the releases, or show RELEASE's images and files."""
+@click.option("--packages", is_flag=True,
+              help="List the packages of IMAGE in RELEASE (its recorded package list).")
+@mirror_url_option
+@site_option
+def release_show_cmd(name: str | None, image: str | None, as_json: bool, packages: bool,
+                     mirror_url: str | None, site_file: Path | None) -> None:
+    """List the releases, or show RELEASE's images and files, or IMAGE's packages."""
     from osimage.errors import ConfigError
     from osimage.release import commands as release
 
-    m = release.load(project_root())
+    root = project_root()
+    m = release.load(root)
     if name is None:
         if as_json:
             raise ConfigError("--json: name the release to print")
         click.echo(release.show_list(m))
+    elif packages or image is not None:
+        from osimage.release import diff as packagediff
+
+        if image is None or not packages:
+            raise ConfigError("--packages: name the release and the image, "
+                              "e.g. release show 2.4.0 smoke --packages")
+        click.echo(packagediff.show_packages(
+            m.get(name), image, lambda: release.open_reader(root, site_file, mirror_url)))
     else:
         rel = m.get(name)
         click.echo(release.release_json(rel) if as_json else release.show_release(rel))
@@ -391,12 +406,30 @@ def release_show_cmd(name: str | None, as_json: bool) -> None:
 @release_group.command("diff")
 @click.argument("old", metavar="A")
 @click.argument("new", metavar="B")
-def release_diff_cmd(old: str, new: str) -> None:
-    """What changed from release A to release B, image by image."""
-    from osimage.release import commands as release
+@click.option("--json", "as_json", is_flag=True, help="Print the package changes as JSON.")
+@mirror_url_option
+@site_option
+def release_diff_cmd(old: str, new: str, as_json: bool, mirror_url: str | None,
+                     site_file: Path | None) -> None:
+    """What changed from release A to release B, image by image: files, and the packages
+    added, removed, upgraded and downgraded; the advisories B's patches apply that A's did
+    not."""
+    import json
 
-    m = release.load(project_root())
-    for line in release.diff(m.get(old), m.get(new)):
+    from osimage.release import commands as release
+    from osimage.release import diff as packagediff
+
+    root = project_root()
+    m = release.load(root)
+    a, b = m.get(old), m.get(new)
+    changes = packagediff.diff(a, b, lambda: release.open_reader(root, site_file, mirror_url))
+    if as_json:
+        click.echo(json.dumps(changes.to_json(), indent=2))
+        return
+    lines = release.diff(a, b)
+    # the package lines join the images' before the patch tarball's line (the last one)
+    at = len(lines) - 1 if lines and lines[-1].startswith("~ patches:") else len(lines)
+    for line in [*lines[:at], *packagediff.diff_lines(changes), *lines[at:]]:
         click.echo(line)
 
 

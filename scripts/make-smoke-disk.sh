@@ -20,6 +20,11 @@
 # Environment (optional):
 #   SOURCE_DATE_EPOCH  timestamp of every file and filesystem (default 1700000000)
 #   KERNEL_VERSION     e.g. 6.1.0-56-cloud-amd64 (default: newest /boot/vmlinuz-*-cloud-amd64)
+#   SMOKE_EXTRA_DEBS   .deb files (space separated) unpacked into the initramfs too
+#
+# The Debian packages the disk is made from (those owning the files it holds, and the extra
+# .debs) are listed in the initramfs at /usr/share/osimage/packages, in the format of
+# osimage/features/packages_list.sh, which prints it in the guest: the build's package list.
 #
 # Disk layout (MBR, label-id 0x534d4b31, 128 MiB virtual):
 #   p1  sectors 2048..131071     (63 MiB)  FAT16 "SMOKEBOOT", active: syslinux,
@@ -150,6 +155,49 @@ for m in $MODULES; do
     esac
     chmod 0644 "$ROOT/lib/modules/$m.ko"
 done
+
+# Extra packages, unpacked as dpkg would (no maintainer scripts).
+for deb in ${SMOKE_EXTRA_DEBS:-}; do
+    [ -r "$deb" ] || die "cannot read $deb (SMOKE_EXTRA_DEBS)"
+    dpkg-deb -x "$deb" "$ROOT"
+done
+
+# The package record: which Debian package owns each file taken from the host.
+owners() {
+    local f
+    for f in "$@"; do
+        { dpkg-query -S "$f" 2>/dev/null || dpkg-query -S "$(readlink -f "$f")" 2>/dev/null \
+            || die "no Debian package owns $f"; } | grep -v '^diversion ' | head -n 1 | cut -d: -f1
+    done
+}
+TAB=$(printf '\t')
+mkdir -p "$ROOT/usr/share/osimage"
+{
+    printf 'os debian %s\nmanager dpkg\n' "$(. /etc/os-release && echo "${VERSION_ID:-}")"
+    # shellcheck disable=SC2046
+    pkgs=$(owners "$BUSYBOX" "$DROPBEAR" "$SCP" "$MBR_BIN" "$(command -v syslinux)" "$KERNEL" \
+        $(ldd "$DROPBEAR" "$SCP" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// && $2 ~ /^\(0x/ {print $1}') \
+        | sort -u)
+    # shellcheck disable=SC2086
+    dpkg-query -W -f "P$TAB\${db:Status-Abbrev}$TAB\${Package}$TAB\${Version}$TAB\${Architecture}$TAB\${source:Package}$TAB\${source:Version}\n" $pkgs
+    copyrights=""
+    for p in $pkgs; do copyrights="$copyrights /usr/share/doc/$p/copyright"; done
+    for deb in ${SMOKE_EXTRA_DEBS:-}; do
+        # a .deb's Source field is "NAME" or "NAME (VERSION)"; empty when it is the package
+        dpkg-deb -W --showformat "P${TAB}ii ${TAB}\${Package}$TAB\${Version}$TAB\${Architecture}$TAB\${Source}\n" "$deb" \
+            | awk -F "$TAB" -v OFS="$TAB" '{ split($6, s, " "); src = s[1] == "" ? $3 : s[1]
+                  ver = s[2] == "" ? $4 : substr(s[2], 2, length(s[2]) - 2); $6 = src
+                  print $0, ver }'
+        copyrights="$copyrights $ROOT/usr/share/doc/$(dpkg-deb -f "$deb" Package)/copyright"
+    done
+    # shellcheck disable=SC2086
+    for c in $copyrights; do [ -r "$c" ] && echo "$c"; done | sort | while read -r c; do
+        head -n 1 "$c" | grep -q '^Format:' || continue
+        pkg=$(basename "$(dirname "$c")")
+        sed -n 's/^License:[ \t]*\(.*[^ \t]\)[ \t]*$/\1/p' "$c" | awk '!seen[$0]++' \
+            | while read -r l; do printf 'L\t%s\t%s\n' "$pkg" "$l"; done
+    done
+} >"$ROOT/usr/share/osimage/packages"
 
 # users, ssh key
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$ROOT/etc/passwd"

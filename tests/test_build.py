@@ -62,12 +62,16 @@ def test_build_end_to_end(repo: Path, tmp_path: Path, no_leftover_qemu: None) ->
     entry = data["builds"][0]
     assert data["last_run_uuid"] == entry["packer_run_uuid"]
     assert entry["name"] == "smoke" and entry["builder_type"] == "qemu"
-    assert entry["files"] == [{"name": "smoke.qcow2", "size": artifact.stat().st_size}]
+    # the disk, then its package list and SBOM (issue 17)
+    assert entry["files"][0] == {"name": "smoke.qcow2", "size": artifact.stat().st_size}
+    assert [(f["name"], f.get("kind")) for f in entry["files"][1:]] == [
+        ("smoke.packages.json", "packages"), ("smoke.cdx.json", "sbom")]
     custom = entry["custom_data"]
     assert custom["version"] == version and custom["git_commit"] == commit
     assert custom["dirty"] is False
     sha = (published / "smoke.qcow2.sha256").read_text().split()[0]
-    assert custom["sha256"] == {"smoke.qcow2": sha}
+    assert custom["sha256"]["smoke.qcow2"] == sha
+    assert set(custom["sha256"]) == {"smoke.qcow2", "smoke.packages.json", "smoke.cdx.json"}
     assert (repo / "build" / "smoke" / version / "packer.log").read_text().count("Connected to SSH")
 
     # the build key is gone, and no secret was written into what is kept

@@ -7,6 +7,7 @@ the disks without mounting: qemu-img convert to raw, then debugfs at the root pa
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from osimage.release.versions import deb_version
 from tests.conftest import build_py, git, make_debian_base_source
 
 # mmdebstrap (1-4 minutes, by the machine's load) and a systemd boot under TCG outlast the
@@ -115,5 +117,11 @@ def test_build_debian_base_end_to_end(debian_repo: Path, open_disk: Opener) -> N
                     fs.cat("/var/lib/osimage/packages.txt").splitlines() if "\t" in line)
     assert packages.get("openssh-server", "").startswith("1:9.2")
     assert "systemd-sysv" in packages
+    # the build's package list (issue 17) is dpkg-query's in the guest, package for package
+    listed = json.loads((published / "debian-base.packages.json").read_text())
+    assert listed["manager"] == "dpkg" and listed["os"] == {"id": "debian", "version_id": "12"}
+    assert {p["name"]: deb_version(p["epoch"], p["version"], p["release"])
+            for p in listed["packages"]} == {n.split(":")[0]: v for n, v in packages.items()}
+    assert any(p["licenses"] for p in listed["packages"])  # machine-readable copyright files
     # the build's own key and the host keys of its boot did not ship
     assert_no_secrets(fs)

@@ -137,7 +137,8 @@ def test_smoke_diskless_exports(repo: Path, tmp_path: Path, no_leftover_qemu: No
         published = repo / "mirror" / "builds" / "smoke" / version
         kinds = {"smoke.qcow2": None, "smoke-rootfs.tar": "rootfs",
                  f"vmlinuz-{kver}": "kernel", f"initramfs-{kver}.img": "initramfs",
-                 "smoke.squashfs": "squashfs", "smoke-oci.tar": "oci"}
+                 "smoke.squashfs": "squashfs", "smoke-oci.tar": "oci",
+                 "smoke.packages.json": "packages", "smoke.cdx.json": "sbom"}  # issue 17
         for name in kinds:
             check = subprocess.run(["sha256sum", "-c", f"{name}.sha256"], cwd=published,
                                    capture_output=True, text=True)

@@ -95,7 +95,9 @@ def test_smoke_build_end_to_end(netns_env: NetnsLibvirt, repo: Path, tmp_path: P
     [entry] = data["builds"]
     sha = subprocess.run(["sha256sum", str(artifact)], check=True, capture_output=True,
                          text=True).stdout.split()[0]
-    assert entry["custom_data"]["sha256"] == {"smoke.qcow2": sha}
+    assert entry["custom_data"]["sha256"]["smoke.qcow2"] == sha
+    assert set(entry["custom_data"]["sha256"]) == {"smoke.qcow2", "smoke.packages.json",
+                                                   "smoke.cdx.json"}  # issue 17
     assert entry["builder_type"] == "libvirt-native"
     assert leftovers(env) == []
     # the source volume stays, for the next build

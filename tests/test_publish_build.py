@@ -34,10 +34,12 @@ def test_build_publishes_to_ssh_mirror(repo: Path, ssh: SSHServer) -> None:
         assert proc.returncode == 0, proc.stderr
         assert "ok check mirror" in proc.stderr
     published = ssh.root / "builds/smoke/7.0.0"
-    assert sorted(p.name for p in published.iterdir()) == ["smoke.qcow2", "smoke.qcow2.sha256"]
+    assert sorted(p.name for p in published.iterdir()) == [  # the disk, package list, SBOM
+        "smoke.cdx.json", "smoke.cdx.json.sha256", "smoke.packages.json",
+        "smoke.packages.json.sha256", "smoke.qcow2", "smoke.qcow2.sha256"]
     entry = json.loads((repo / "images/smoke/manifest.json").read_text())["builds"][0]
     sha = (published / "smoke.qcow2.sha256").read_text().split()[0]
-    assert entry["custom_data"]["sha256"] == {"smoke.qcow2": sha}
+    assert entry["custom_data"]["sha256"]["smoke.qcow2"] == sha
     assert not (repo / "mirror").exists()
     assert git(repo, "status", "--porcelain").strip() in ("", "?? images/smoke/manifest.json")
 

@@ -119,7 +119,9 @@ def test_failed_http_check_leaves_nothing_published_and_the_build_kept(
     size = kept.stat().st_size
     sent = re.search(r"sent ([\d.]+) MiB, resumed ([\d.]+) MiB", again.stderr)
     assert sent is not None and float(sent.group(1)) < 2.1, again.stderr  # the tail only
-    assert final_names(target) == ["smoke.qcow2", "smoke.qcow2.sha256"]
+    assert final_names(target) == [  # the disk, its package list and SBOM (issue 17)
+        "smoke.cdx.json", "smoke.cdx.json.sha256", "smoke.packages.json",
+        "smoke.packages.json.sha256", "smoke.qcow2", "smoke.qcow2.sha256"]
     assert artifacts.hash_file(target / "smoke.qcow2")[0] == size
     recorded = json.loads((repo / "images/smoke/manifest.json").read_text())["builds"]
     assert [b["custom_data"]["version"] for b in recorded] == [version]

@@ -403,9 +403,12 @@ def test_show_and_diff(repo: Path, mirror: Mirror, capsys: pytest.CaptureFixture
         f"    ~ smoke.qcow2: sha256 {was[:12]} -> "
         f"{new['custom_data']['sha256']['smoke.qcow2'][:12]}, 10000 B -> 10000 B",
         f"+ base: 2.0 (commit {commit})",
+        "  smoke packages: no package list recorded for smoke in release 1.0.0",
     ]
     code, out, _ = run(capsys, "release", "diff", "1.0.0", "1.1.0")
-    assert (code, out) == (0, f"  smoke: 1.0 (commit {commit})\n")
+    assert (code, out) == (0, f"  smoke: 1.0 (commit {commit})\n"
+                              "  smoke packages: no package list recorded for smoke in release "
+                              "1.0.0\n")
 
     code, _, err = run(capsys, "release", "show", "1.2")
     assert code == 2

@@ -6,7 +6,7 @@ Adding a feature: one module with a FEATURE object, and one line here."""
 from __future__ import annotations
 
 from osimage.build.feature import Feature
-from osimage.features import debug, exports, httpdir, parent, patches, payload
+from osimage.features import debug, exports, httpdir, packages, parent, patches, payload
 
 FEATURES: list[Feature] = [
     parent.FEATURE,  # a layer: the parent image's disk as the source, flattened after Packer
@@ -15,4 +15,5 @@ FEATURES: list[Feature] = [
     payload.FEATURE,  # a release's image embedded in this one
     httpdir.FEATURE,  # http_directory templates rendered for the build
     exports.FEATURE,  # rootfs, kernel, squashfs, OCI: the rootfs tar made last of all
+    packages.FEATURE,  # package list and SBOM: queried in the VM after everything else
 ]
