@@ -224,17 +224,23 @@ def wanted(ctx: BuildContext) -> bool:
 
 
 def parent_list(ctx: BuildContext) -> dict[str, Any] | None:
-    """The parent's package list, for a layered image (image.yaml `parent:`): its latest
-    recorded build's IMAGE.packages.json. The layered list itself is complete: the guest's
-    database holds the parent's packages too."""
+    """The parent's package list, for a layered image (image.yaml `parent:`): that of the
+    parent build the layer starts from (features/parent.py), else of its latest recorded
+    build. The layered list itself is complete: the guest's database holds the parent's
+    packages too."""
     parent = ctx.image.data.get("parent")
     if not parent:
         return None
+    from osimage.features import parent as layer  # parent imports nothing of this module
+
+    started = layer.of(ctx)
     path = ctx.root / "images" / str(parent) / "manifest.json"
     found: dict[str, Any] = {"image": parent, "file": None}
     with contextlib.suppress(Exception):  # a parent never built: named, without a file
         for build in reversed(image_manifest.read(path)["builds"]):
             data = build.get("custom_data") or {}
+            if started is not None and data.get("version") != started.version:
+                continue
             for f in build.get("files") or []:
                 if f.get("kind") == "packages":
                     found.update(version=data.get("version"), file=f["name"],
