@@ -2,7 +2,7 @@
 # The provisioned root tree as a tar, for the diskless exports (osimage/features/exports.py: Warewulf 4
 # and OpenCHAMI). Runs last in the VM, after cleanup.sh; Packer downloads $OSIMAGE_ROOTFS_OUTPUT.
 # First the initramfs is made able to boot diskless (dracut's dmsquash-live + livenet:
-# root=live:http://.../alma9-base.squashfs), not host-only, so the same file also boots the disk.
+# root=live:http://.../IMAGE.squashfs), not host-only, so the same file also boots the disk.
 # The tar keeps xattrs, ACLs and SELinux labels; it leaves out the pseudo filesystems' content
 # (their mount points stay), /boot/efi, caches, temporary files, the machine's identity
 # (machine-id, SSH host keys), root's authorized_keys (cleanup.sh emptied it of the build's key;
