@@ -315,6 +315,27 @@ def check_image_paths(root: Path, directory: Path, data: dict[str, Any], shown: 
                               f"relative to {where} and must stay inside it)")
 
 
+def check_parent(root: Path, name: str, data: dict[str, Any], shown: str) -> None:
+    """An image starts from exactly one of a source or a parent image (a layer on it: README,
+    "Layered images"); the parent is an image folder, and no image is its own ancestor."""
+    if ("source" in data) == ("parent" in data):
+        both = "both" if "source" in data else "neither"
+        raise ConfigError(f"{shown}: source: give exactly one of 'source' or 'parent' "
+                          f"({both} given)")
+    seen = [name]
+    parent = data.get("parent")
+    while parent is not None:
+        where = f"images/{seen[-1]}/image.yaml"
+        if parent in seen:
+            raise ConfigError(f"{shown}: parent: a cycle: {' -> '.join([*seen, parent])}")
+        if not (root / "images" / parent / "image.yaml").is_file():
+            raise ConfigError(f"{where}: parent: no image folder images/{parent}/ "
+                              f"(known images: {', '.join(list_images(root)) or 'none'})")
+        seen.append(parent)
+        above = read_yaml(root / "images" / parent / "image.yaml", f"images/{parent}/image.yaml")
+        parent = above.get("parent") if isinstance(above, dict) else None
+
+
 def load_image(root: Path, name: str) -> Image:
     known = list_images(root)
     if not IMAGE_NAME.match(name) or name not in known:
@@ -333,6 +354,7 @@ def load_image(root: Path, name: str) -> Image:
     if dupes:
         raise ConfigError(f"{shown}: provisioners: name '{dupes[0]}' is used twice")
     check_image_paths(root, directory, data, shown)
+    check_parent(root, name, data, shown)
     for i, prov in enumerate(data["provisioners"]):
         for key in ("script", "source", "playbook"):
             if key in prov and not (directory / prov[key]).exists():
@@ -343,6 +365,7 @@ def load_image(root: Path, name: str) -> Image:
     if "http_directory" in data and not (directory / data["http_directory"]).is_dir():
         raise ConfigError(f"{shown}: http_directory: {data['http_directory']!r} is not a folder "
                           f"in images/{name}/")
-    if "prepare" in data["source"] and not (root / data["source"]["prepare"]).is_file():
-        raise ConfigError(f"{shown}: source.prepare: {data['source']['prepare']!r} does not exist")
+    src = data.get("source", {})
+    if "prepare" in src and not (root / src["prepare"]).is_file():
+        raise ConfigError(f"{shown}: source.prepare: {src['prepare']!r} does not exist")
     return Image(name=name, directory=directory, data=data, provisioner_names=names)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-from osimage.build import accel, packer, render
+from osimage.build import accel, inputs, packer, render
 from osimage.build import steps as core
 from osimage.build.context import BuildContext
 from osimage.build.feature import Step
@@ -19,8 +20,7 @@ from osimage.errors import BuildError
 def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     qemu = ctx.site.data["qemu"]
     ctx.accelerator = accel.resolve(qemu["accelerator"], qemu["binary"])
-    text = render.render(ctx.root / "templates", "qemu.pkr.hcl.j2",
-                         core.template_variables(ctx))
+    text = render.render(ctx.root / "templates", "qemu.pkr.hcl.j2", variables(ctx))
     hcl = ctx.work_dir / f"{ctx.image.name}.pkr.hcl"
     core.fresh_output(ctx, hcl, text)
     # packer validate runs while python-hcl2 parses the same text: two checks, one wait.
@@ -37,6 +37,17 @@ def step_render(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
             validated.exception()  # wait for it; a parse error is the clearer message
         validated.result()
     ctx.reporter.info(f"    rendered {hcl.relative_to(ctx.root)} (accelerator {ctx.accelerator})")
+
+
+def variables(ctx: BuildContext) -> dict[str, Any]:
+    """The template's variables; a source that is a backing file (a parent image's disk)
+    is not copied: the VM writes to a qcow2 overlay over it (flattened after the build)."""
+    base = core.template_variables(ctx)
+    backing = inputs.source_of(ctx)[0].get("backing_format")
+    if backing is None:
+        return base
+    return {**base, "backing_format": backing, "format": "qcow2",
+            "vm_name": f"{ctx.image.name}.qcow2"}
 
 
 class Qemu:

@@ -6,9 +6,10 @@ Adding a feature: one module with a FEATURE object, and one line here."""
 from __future__ import annotations
 
 from osimage.build.feature import Feature
-from osimage.features import debug, exports, httpdir, patches, payload
+from osimage.features import debug, exports, httpdir, parent, patches, payload
 
 FEATURES: list[Feature] = [
+    parent.FEATURE,  # a layer: the parent image's disk as the source, flattened after Packer
     debug.FEATURE,  # --break-before/--break-after around the image's own provisioners
     patches.FEATURE,  # --release: its patch tarball applied first; --create-patches: made last
     payload.FEATURE,  # a release's image embedded in this one
