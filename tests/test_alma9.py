@@ -16,6 +16,7 @@ import pytest
 from osimage.build import hclschema
 from osimage.features import httpdir
 from tests.conftest import PROJECT, build_py, make_repo
+from tests.test_tidy import add_build
 
 BASE = PROJECT / "images" / "alma9-base"
 COMPUTE = PROJECT / "images" / "alma9-compute"
@@ -147,18 +148,27 @@ def test_layers_and_cleanup() -> None:
 
 @pytest.fixture(scope="module")
 def alma_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_repo(tmp_path_factory.mktemp("alma") / "repo")
+    """A test repository where alma9-base has a clean published build, as a build at the site
+    records it (the disk is a small empty qcow2: nothing here boots it), so alma9-compute,
+    which starts from it, renders."""
+    repo = make_repo(tmp_path_factory.mktemp("alma") / "repo")
+    disk = tmp_path_factory.mktemp("disk") / "alma9-base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "20G"], check=True)
+    if layers_supported():
+        add_build(repo, "alma9-base", "3.0.0", mirror=repo / "mirror",
+                  content=disk.read_bytes())
+    return repo
 
 
 @pytest.mark.parametrize("image", ["alma9-base", "alma9-compute"])
 def test_renders_for_both_backends(alma_repo: Path, tmp_path: Path, image: str) -> None:
-    if image == "alma9-compute" and not layers_supported():
-        pytest.skip("a child image renders once layered images (parent:) are merged (h19)")
     proc = build_py(alma_repo, "render", image)
     assert proc.returncode == 0, proc.stderr
     text = (alma_repo / proc.stdout.strip()).read_text()
     assert 'source "qemu"' in text
     assert text.count("use_proxy       = false") == (2 if image == "alma9-compute" else 0)
+    # a layer boots its parent's disk through a qcow2 overlay, the base its DVD
+    assert ("use_backing_file = true" in text) == (image == "alma9-compute")
     site = tmp_path / "libvirt-site.yaml"
     site.write_text(LIBVIRT_SITE)
     proc = build_py(alma_repo, "render", image, "--site", str(site))
@@ -168,7 +178,9 @@ def test_renders_for_both_backends(alma_repo: Path, tmp_path: Path, image: str) 
     src = parsed["source"][0]["libvirt"][image]
     assert src["libvirt_uri"] == "qemu+ssh://root@kvm01.example/system"
     assert parsed["build"][0]["sources"] == [f"source.libvirt.{image}"]
-    if image == "alma9-base":
+    if image == "alma9-compute":
+        assert "parent alma9-base 3.0.0" in proc.stderr
+    else:
         assert "inst.ks=hd:LABEL=OEMDRV:/ks.cfg" in src["boot_command"][0]
         ks = (hcl.parent / "http" / "ks.cfg").read_text()
         key = next(v for v in src["volume"] if v.get("alias") == "oemdrv")["source"][0][
