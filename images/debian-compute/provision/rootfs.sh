@@ -14,13 +14,17 @@ case $out in
 esac
 mkdir -p "$(dirname "$out")"
 rm -f "$out"
+# The root file system alone, through a bind mount: the pseudo filesystems mounted on it
+# (/proc, /sys, /dev, /run) show as their empty mount points, and nothing changes under tar.
+tree=$(mktemp -d /run/osimage-rootfs.XXXXXX)
+trap 'umount "$tree" 2>/dev/null; rmdir "$tree"' EXIT
+mount --bind / "$tree"
 sync
-tar --create --file "$out" --directory / --numeric-owner --sparse \
+tar --create --file "$out" --directory "$tree" --numeric-owner --sparse \
     --xattrs --xattrs-include='*' --acls \
     --sort=name --mtime="@$epoch" --clamp-mtime --format=posix \
     --pax-option='exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime' \
     --exclude="./${out#/}" \
-    --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' --exclude='./run/*' \
     --exclude='./tmp/*' --exclude='./var/tmp/*' \
     --exclude='./var/cache/apt/*' --exclude='./var/lib/apt/lists/*' \
     --exclude='./etc/machine-id' --exclude='./etc/ssh/ssh_host_*' \
