@@ -43,8 +43,8 @@ def early_hash(ctx: BuildContext) -> tuple[str | None, str]:
             return None, f"its source is not made yet ({src['prepare']} runs)"
     try:
         return inputs.inputs_hash(ctx, inputs.source_checksum(ctx)), ""
-    except (ConfigError, OSError):
-        return None, "its source's checksum cannot be read yet"
+    except (ConfigError, OSError) as e:
+        return None, f"its inputs cannot be read yet ({e})"
 
 
 def _on_mirror(ctx: BuildContext, build: dict[str, Any]) -> list[str] | str:

@@ -41,7 +41,7 @@ from osimage import runner
 from osimage.build.context import BuildContext
 from osimage.build.feature import Feature, Step
 from osimage.errors import BuildError, ConfigError
-from osimage.features import oci, ociregistry
+from osimage.features import oci, ocilayer, ociregistry, parent
 from osimage.publish import artifacts
 from osimage.sizes import human
 
@@ -253,10 +253,17 @@ def step_oci(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
         def umoci(*args: str) -> None:
             runner.run(["umoci", *args], log=log, what=f"umoci {args[0]}")
 
-        umoci("init", "--layout", str(layout))
-        umoci("new", "--image", image)
-        umoci("raw", "add-layer", "--image", image, "--history.created", created,
-              "--history.created_by", f"osimage {ctx.image.name} rootfs", str(rootfs_path(ctx)))
+        lower = _parent_oci(ctx)
+        if lower is not None:  # a layer on the parent's image (features/ocilayer.py)
+            d = ocilayer.layered(*lower, rootfs_path(ctx), layout, _tag(ctx), epoch, umoci,
+                                 created, f"osimage {ctx.image.name} layer")
+            ctx.reporter.info(f"    the parent's OCI image plus one layer: {d.describe()}")
+        else:
+            umoci("init", "--layout", str(layout))
+            umoci("new", "--image", image)
+            umoci("raw", "add-layer", "--image", image, "--history.created", created,
+                  "--history.created_by", f"osimage {ctx.image.name} rootfs",
+                  str(rootfs_path(ctx)))
         umoci("config", "--image", image, "--created", created, "--history.created", created,
               "--config.cmd", "/sbin/init",
               *[f"--config.label={k}={v}" for k, v in sorted(labels.items())])
@@ -264,6 +271,20 @@ def step_oci(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     oci.write_archive(layout, _tag(ctx), f"{_repository(ctx)}:{_tag(ctx)}", archive, epoch)
     _state(ctx).oci_layout = layout
     _add(ctx, archive, "oci")
+
+
+def _parent_oci(ctx: BuildContext) -> tuple[Path, Path] | None:
+    """The parent's OCI archive and rootfs tar, fetched and checked, when the image is a
+    layer on a parent that exports both."""
+    p = parent.of(ctx)
+    if p is None:
+        return None
+    archive, rootfs = p.export("oci"), p.export("rootfs")
+    if archive is None or rootfs is None:
+        ctx.reporter.info(f"    {p.image} {p.version} exports no OCI image and rootfs: the OCI "
+                          "image is one layer of the whole tree")
+        return None
+    return (parent.fetch(ctx, *archive).path, parent.fetch(ctx, *rootfs).path)
 
 
 def _repository(ctx: BuildContext) -> str:

@@ -47,6 +47,12 @@ class ParentFile:
     size: int
     sha256: str
     format: str  # qcow2 or raw: the backing file's format
+    # the parent's diskless exports by kind (rootfs, oci, ...): (mirror path, size, sha256)
+    exports: tuple[tuple[str, str, int, str], ...] = ()
+
+    def export(self, kind: str) -> tuple[str, int, str] | None:
+        return next(((path, size, digest) for k, path, size, digest in self.exports
+                     if k == kind), None)
 
     @property
     def name(self) -> str:
@@ -77,12 +83,20 @@ def parent_of(image: config.Image) -> str | None:
     return name
 
 
-def _disks(files: list[tuple[str, int, str, str | None]], where: str) -> tuple[str, int, str]:
+Files = list[tuple[str, int, str, str | None]]  # mirror path, size, sha256, kind
+
+
+def _disk(files: Files, where: str) -> tuple[str, int, str]:
     disks = [(path, size, digest) for path, size, digest, kind in files if kind is None]
     if len(disks) != 1:
         raise ConfigError(f"{where}: {len(disks)} disk files (files without kind); a child "
                           "image starts from exactly one")
     return disks[0]
+
+
+def _exports(files: Files) -> tuple[tuple[str, str, int, str], ...]:
+    return tuple((kind, path, size, digest) for path, size, digest, kind in files
+                 if kind is not None)
 
 
 def from_release(root: Path, child: str, parent: str, release: str) -> ParentFile:
@@ -95,8 +109,10 @@ def from_release(root: Path, child: str, parent: str, release: str) -> ParentFil
                           hint=f"./build.py {parent} --release {release} && ./build.py release "
                                f"record {release} {parent}   makes and records it")
     where = f"{releases.MANIFEST}: releases.{release}.images.{parent}"
-    path, size, digest = _disks([(f.path, f.size, f.sha256, f.kind) for f in entry.files], where)
-    return ParentFile(parent, entry.version, release, path, size, digest, _format_of(path))
+    files: Files = [(f.path, f.size, f.sha256, f.kind) for f in entry.files]
+    path, size, digest = _disk(files, where)
+    return ParentFile(parent, entry.version, release, path, size, digest, _format_of(path),
+                      _exports(files))
 
 
 def from_latest_build(root: Path, child: str, parent: str) -> ParentFile:
@@ -110,14 +126,15 @@ def from_latest_build(root: Path, child: str, parent: str) -> ParentFile:
                                "a clean build)")
     data = build["custom_data"]
     digests = data.get("sha256") or {}
-    files = [(f"{data['mirror_path']}/{PurePosixPath(f['name']).name}", int(f["size"]),
-              str(digests.get(f["name"], "")), f.get("kind")) for f in build.get("files") or []]
+    files: Files = [(f"{data['mirror_path']}/{PurePosixPath(f['name']).name}", int(f["size"]),
+                     str(digests.get(f["name"], "")), f.get("kind"))
+                    for f in build.get("files") or []]
     where = f"{shown}: build {data['version']}"
-    mirror_path, size, digest = _disks(files, where)
+    mirror_path, size, digest = _disk(files, where)
     if len(digest) != 64:
         raise ConfigError(f"{where}: no sha256 recorded for {mirror_path}")
     return ParentFile(parent, str(data["version"]), None, mirror_path, size, digest,
-                      _format_of(mirror_path))
+                      _format_of(mirror_path), _exports(files))
 
 
 def resolve(ctx: BuildContext) -> ParentFile | None:
@@ -129,27 +146,31 @@ def resolve(ctx: BuildContext) -> ParentFile | None:
     return from_latest_build(ctx.root, ctx.image.name, parent)
 
 
-def _parent(ctx: BuildContext) -> ParentFile | None:
+def of(ctx: BuildContext) -> ParentFile | None:
     p: ParentFile | None = ctx.state.get(NAME)
     return p
+
+
+def fetch(ctx: BuildContext, mirror_path: str, size: int, sha256: str) -> download.Fetched:
+    """A file of the parent's record from the mirror into the cache, checked against it."""
+    shown = (config.display_path(ctx.site.path, ctx.root) if ctx.site.path is not None
+             else "site.yaml")
+    source = download.source_for(ctx.site.data, ctx.root, shown)
+    return download.fetch(source, mirror_path, sha256, size, cache_dir(), ctx.reporter.info)
 
 
 def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     """The parent's disk from the mirror, its size and sha256 checked against its record
     before anything boots it."""
-    p = _parent(ctx)
+    p = of(ctx)
     assert p is not None
-    shown = (config.display_path(ctx.site.path, ctx.root) if ctx.site.path is not None
-             else "site.yaml")
-    source = download.source_for(ctx.site.data, ctx.root, shown)
-    fetched = download.fetch(source, p.mirror_path, p.sha256, p.size, cache_dir(),
-                             ctx.reporter.info)
+    fetched = fetch(ctx, p.mirror_path, p.size, p.sha256)
     link = p.local.with_name(f".{p.local.name}.{os.getpid()}")
     link.unlink(missing_ok=True)
     os.symlink(fetched.path.name, link)
     os.replace(link, p.local)
     where = ("in the cache" if fetched.from_cache
-             else f"fetched from the {source.describe()} in {fetched.seconds:.1f} s")
+             else f"fetched from the mirror in {fetched.seconds:.1f} s")
     ctx.reporter.info(f"    {p.mirror_path}: {human(p.size)}, sha256 {p.sha256[:16]}... as "
                       f"recorded ({where}); the build writes to an overlay over it")
 
@@ -210,18 +231,18 @@ class Layer(Feature):
         ctx.reporter.info(f"    parent {p.image} {p.version} ({what}): {p.name}")
 
     def steps(self, ctx: BuildContext) -> list[Step]:
-        if _parent(ctx) is None:
+        if of(ctx) is None:
             return []
         return [Step("fetch parent", step_fetch, at="before source"),
                 Step("flatten disk", step_flatten, at="after packer", needs_vm=True)]
 
     def record(self, ctx: BuildContext) -> dict[str, Any] | None:
         """The manifest entry's `parent`: the file the child was made from, or None."""
-        p = _parent(ctx)
+        p = of(ctx)
         return p.record() if p is not None else None
 
     def inputs(self, ctx: BuildContext) -> bytes:
-        p = _parent(ctx)
+        p = of(ctx)
         return f"{p.image}:{p.sha256}".encode() if p is not None else b""
 
 

@@ -133,6 +133,16 @@ def start(ctx: BuildContext, create: bool, ignored_release: str | None) -> None:
 # --- --release: fetch, verify and check the release's tarball --------------------------------
 
 
+def _to_apply(ctx: BuildContext) -> release.Patches | None:
+    """The tarball release X records, when this build applies one."""
+    if ctx.release is None or ctx.create_patches or "apply" not in _spec(ctx.image):
+        return None
+    manifest = release.load(ctx.root)
+    if ctx.release not in manifest.names:
+        return None
+    return manifest.get(ctx.release).patches
+
+
 def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
     """The release's patch tarball, verified and checked, before anything else happens."""
     assert ctx.release is not None
@@ -300,7 +310,6 @@ def step_publish(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 class Patches(Feature):
     name = NAME
     recorded = True
-    inputs_from_steps = True
 
     def check_options(self, root: Path, opts: BuildOptions) -> BuildOptions:
         return replace(opts, release=check_options(root, opts.image, opts.release,
@@ -370,8 +379,11 @@ class Patches(Feature):
         return applied.record() if applied is not None else None
 
     def inputs(self, ctx: BuildContext) -> bytes:
-        applied = _applied(ctx)
-        return applied.sha256.encode() if applied is not None else b""
+        """The sha256 the release records for the tarball the build applies: known before it
+        is fetched (step_fetch refuses any other bytes), so a --release build can be up to
+        date."""
+        recorded = _to_apply(ctx)
+        return recorded.sha256.encode() if recorded is not None else b""
 
 
 FEATURE = Patches()

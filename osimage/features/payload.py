@@ -162,7 +162,6 @@ def step_fetch(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
 class Embedded(Feature):
     name = NAME
     recorded = True
-    inputs_from_steps = True
 
     def check_options(self, root: Path, opts: BuildOptions) -> BuildOptions:
         if not opts.render_only:  # render without --release uploads a stand-in
@@ -205,8 +204,12 @@ class Embedded(Feature):
                 "file": p.name, "sha256": p.sha256}
 
     def inputs(self, ctx: BuildContext) -> bytes:
-        p = _payload(ctx)
-        return p.sha256.encode() if p is not None else b""
+        """The sha256 the release records for the embedded file: known before it is fetched
+        (step_fetch refuses any other bytes), so the build can be up to date."""
+        spec = spec_of(ctx.image)
+        if spec is None or ctx.release is None:
+            return b""
+        return _disk_file(ctx.root, ctx.image, spec, ctx.release)[1].sha256.encode()
 
 
 FEATURE = Embedded()
