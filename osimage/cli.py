@@ -74,6 +74,8 @@ def cli() -> None:
       ./build.py rocky8-base --release 2.4.0
       ./build.py smoke --skip-commit         build from a dirty tree (version ...-dirty)
       ./build.py render rocky8-base          render + validate the Packer HCL only
+      ./build.py plan                        what `all` would build, and why
+      ./build.py all --release 2.4.0         every image, parents first
     """
 
 
@@ -153,6 +155,50 @@ def render_cmd(image: str, release: str | None, site_file: Path | None,
                         create_patches=create_patches)
     path = render_only(root, opts, _reporter())
     click.echo(path.relative_to(root))
+
+
+images_argument = click.argument("images", nargs=-1, metavar="[IMAGE]...")
+
+
+@cli.command("plan", short_help="The build order, and for each image what changed.")
+@images_argument
+@release_option
+@site_option
+def plan_cmd(images: tuple[str, ...], release: str | None, site_file: Path | None) -> None:
+    """Print the order `all` builds IMAGE... in (default: every image; parents first, an image
+    that embeds another after it) and, for each, "up to date (build V)" or what changed
+    (which input, old and new hash). Builds nothing, starts no VM."""
+    from osimage.build import plan
+
+    for line in plan.show(project_root(), images, release, site_file):
+        click.echo(line)
+
+
+@cli.command("all", short_help="Build the images in order, reusing up-to-date ones.")
+@images_argument
+@release_option
+@click.option("--skip-commit", is_flag=True,
+              help="Allow a dirty git tree; the versions are marked -dirty.")
+@site_option
+@click.option("--keep-failed", is_flag=True,
+              help="Keep the output of a failed build in build/IMAGE/VERSION/ for inspection.")
+@click.option("--rebuild", is_flag=True, help="Build each image even when it is up to date.")
+@replace_option
+@host_key_option
+def all_cmd(images: tuple[str, ...], release: str | None, skip_commit: bool,
+            site_file: Path | None, keep_failed: bool, rebuild: bool, replace: bool,
+            accept_new_host_key: bool) -> int:
+    """Build IMAGE... (default: every image that can build with these options; usb-installer
+    needs --release) and their parents, in the order `plan` prints, each as `./build.py IMAGE`
+    builds it; up-to-date images are reused. When one fails, the images that need it are
+    skipped and the others go on; a table at the end. Exit 1 if any failed."""
+    from osimage.build.context import BuildOptions
+    from osimage.build.many import build_all
+
+    base = BuildOptions(image="", release=release, skip_commit=skip_commit,
+                        site_file=site_file, keep_failed=keep_failed, replace=replace,
+                        accept_new_host_key=accept_new_host_key, rebuild=rebuild)
+    return build_all(project_root(), images, base, _reporter(), click.echo)
 
 
 @cli.command("list")

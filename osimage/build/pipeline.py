@@ -84,7 +84,8 @@ def plan(ctx: BuildContext, opts: BuildOptions) -> list[Step]:
     return select(assemble(CORE, added, skipped), opts)
 
 
-def _start(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
+def start(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
+    """The build's context, once the options, the configuration and the features agree."""
     ctx = prepare(root, check_options(root, opts), reporter)
     for feature in FEATURES:
         feature.start(ctx, opts)
@@ -102,7 +103,7 @@ def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContex
     t0 = time.monotonic()
     checker = render.HCLChecker()
     with runner.forwarded_signals(), contextlib.closing(checker):
-        ctx = _start(root, opts, reporter)
+        ctx = start(root, opts, reporter)
         ctx.hcl_checker = checker
         steps = plan(ctx, opts)
         # checks that may refuse the build run before it takes the work dir: a refused build
@@ -130,7 +131,7 @@ def render_only(root: Path, opts: BuildOptions, reporter: Reporter) -> Path:
     opts.skip_commit = True
     opts.render_only = True
     with runner.forwarded_signals():
-        ctx = _start(root, opts, reporter)
+        ctx = start(root, opts, reporter)
         with work_dir_lock(ctx, reporter), contextlib.ExitStack() as stack:
             _run(ctx, plan(ctx, opts), stack)
     assert ctx.hcl_file is not None

@@ -314,6 +314,8 @@ def manifest_entry(ctx: BuildContext) -> dict[str, Any]:
             "published": bool(ctx.mirror_paths),
             "mirror_path": ctx.mirror_dest if ctx.mirror_paths else None,
             "inputs_sha256": ctx.inputs_sha256,
+            # each named input's hash: a later build or ./build.py plan says which changed
+            inputs.STATE_KEY: ctx.state.get(inputs.STATE_KEY),
             "accelerator": ctx.accelerator,
             **{f.name: f.record(ctx) for f in FEATURES if f.recorded},
             "osimage_version": __version__,

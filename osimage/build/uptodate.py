@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,42 @@ class UpToDate(Exception):  # not an error: the build ends here with exit 0
     """The image is up to date: the message says which build is reused and why."""
 
 
-def early_hash(ctx: BuildContext) -> tuple[str | None, str]:
-    """The inputs hash before any step ran, or None and why it cannot be known yet."""
-    if ctx.git.dirty:
+REUSED = "up to date"  # ctx.state: the version of the build an up-to-date image reuses
+
+
+@dataclass(frozen=True)
+class Change:
+    """One named input whose hash differs from the recorded build's (None: not an input then,
+    or not now)."""
+
+    name: str
+    old: str | None
+    new: str | None
+
+    def __str__(self) -> str:
+        return f"{self.name} {_short(self.old)} -> {_short(self.new)}"
+
+
+def _short(digest: str | None) -> str:
+    return digest[:12] if digest else "(none)"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the image is up to date, and why (or why it builds)."""
+
+    fresh: bool
+    why: str  # the up-to-date message, or why it builds
+    plan: str  # the same in a few words, for ./build.py plan
+    version: str | None = None  # of the recorded build it was compared with
+    changes: tuple[Change, ...] = ()
+    commit: str | None = None  # of the recorded build whose inputs differ
+
+
+def early_hash(ctx: BuildContext, dirty_ok: bool = False) -> tuple[inputs.Inputs | None, str]:
+    """The inputs before any step ran, or None and why they cannot be known yet (dirty_ok:
+    hashed from a dirty tree too, for ./build.py plan)."""
+    if ctx.git.dirty and not dirty_ok:
         return None, "a build from a dirty tree is never up to date"
     left_out = sorted({slot for f in FEATURES for slot in f.skips(ctx)})
     if left_out:
@@ -42,9 +76,59 @@ def early_hash(ctx: BuildContext) -> tuple[str | None, str]:
         if not inputs.prepared(ctx.root / src["prepare"], target):
             return None, f"its source is not made yet ({src['prepare']} runs)"
     try:
-        return inputs.inputs_hash(ctx, inputs.source_checksum(ctx)), ""
+        return inputs.compute(ctx, inputs.source_checksum(ctx)), ""
     except (ConfigError, OSError) as e:
         return None, f"its inputs cannot be read yet ({e})"
+
+
+def changes(recorded: Any, now: dict[str, str]) -> tuple[Change, ...] | None:
+    """The named inputs whose hash differs from the record's (None: the record has no
+    per-input hashes: made by an osimage older than them)."""
+    if not isinstance(recorded, dict):
+        return None
+    names = [*now, *(n for n in recorded if n not in now)]
+    return tuple(Change(n, recorded.get(n), now.get(n)) for n in names
+                 if recorded.get(n) != now.get(n))
+
+
+def judge(ctx: BuildContext, dirty_ok: bool = False) -> Verdict:
+    """Up to date when the last clean published build has the same inputs hash and its files
+    are on the mirror as recorded; otherwise why the image builds."""
+    found, why = early_hash(ctx, dirty_ok)
+    if found is None:
+        return Verdict(False, why, f"builds: {why}")
+    builds = manifest.read(ctx.image_manifest)["builds"]
+    build = latest_clean(builds)
+    if build is None:
+        return Verdict(False, f"no clean published build of {ctx.image.name} yet (inputs "
+                       f"{found.total[:12]})",
+                       "builds: never built" if not builds else "builds: no clean build yet")
+    data = build["custom_data"]
+    version = str(data["version"])
+    label = f"build {version} (commit {str(data.get('git_commit'))[:7]}, " + time.strftime(
+        "%Y-%m-%d %H:%M UTC", time.gmtime(int(build.get("build_time") or 0))) + ")"
+    if data.get("inputs_sha256") != found.total:
+        diff = changes(data.get(inputs.STATE_KEY), found.parts)
+        which = ("its record has no per-input hashes" if diff is None
+                 else ", ".join(map(str, diff)) or "no named input")
+        return Verdict(False, f"the inputs changed since {label}: inputs hash "
+                       f"{str(data.get('inputs_sha256'))[:12]} then, {found.total[:12]} now "
+                       f"(changed: {which})",
+                       f"builds: changed since build {version}: {which}", version, diff or (),
+                       str(data.get("git_commit") or "") or None)
+    if data.get("published") is not True:
+        return Verdict(False, f"{label} has the same inputs but is not published",
+                       f"builds: build {version} has the same inputs but is not published",
+                       version)
+    on_mirror = _on_mirror(ctx, build)
+    if isinstance(on_mirror, str):
+        return Verdict(False, f"{label} has the same inputs, but {on_mirror}",
+                       f"builds: build {version} has the same inputs, but {on_mirror}", version)
+    return Verdict(True, f"{ctx.image.name} is up to date: reused {label}, because its inputs "
+                   f"hash {found.total[:12]} is the same and its files are on the mirror with "
+                   f"their recorded size and .sha256 ({', '.join(on_mirror)} in "
+                   f"{data['mirror_path']}); --rebuild builds anyway",
+                   f"up to date (build {version})", version)
 
 
 def _on_mirror(ctx: BuildContext, build: dict[str, Any]) -> list[str] | str:
@@ -98,35 +182,14 @@ def _compare(dest: str, files: list[tuple[str, int]], digests: dict[str, str],
 
 
 def step_up_to_date(ctx: BuildContext, stack: contextlib.ExitStack) -> None:
-    """Ends the build (UpToDate) when its last clean published build has the same inputs hash
-    and its files are on the mirror as recorded; otherwise says why it builds."""
+    """Ends the build (UpToDate) when judge() finds the image up to date; otherwise says why
+    it builds."""
     if ctx.rebuild:
         ctx.reporter.info("    --rebuild: built whatever the last build was")
         return
-    digest, why = early_hash(ctx)
-    if digest is None:
-        ctx.reporter.info(f"    builds: {why}")
+    verdict = judge(ctx)
+    if not verdict.fresh:
+        ctx.reporter.info(f"    builds: {verdict.why}")
         return
-    build = latest_clean(manifest.read(ctx.image_manifest)["builds"])
-    if build is None:
-        ctx.reporter.info(f"    builds: no clean published build of {ctx.image.name} yet "
-                          f"(inputs {digest[:12]})")
-        return
-    data = build["custom_data"]
-    label = f"build {data['version']} (commit {str(data.get('git_commit'))[:7]}, " + time.strftime(
-        "%Y-%m-%d %H:%M UTC", time.gmtime(int(build.get("build_time") or 0))) + ")"
-    if data.get("inputs_sha256") != digest:
-        ctx.reporter.info(f"    builds: the inputs changed since {label}: inputs hash "
-                          f"{str(data.get('inputs_sha256'))[:12]} then, {digest[:12]} now")
-        return
-    if data.get("published") is not True:
-        ctx.reporter.info(f"    builds: {label} has the same inputs but is not published")
-        return
-    found = _on_mirror(ctx, build)
-    if isinstance(found, str):
-        ctx.reporter.info(f"    builds: {label} has the same inputs, but {found}")
-        return
-    raise UpToDate(f"{ctx.image.name} is up to date: reused {label}, because its inputs hash "
-                   f"{digest[:12]} is the same and its files are on the mirror with their "
-                   f"recorded size and .sha256 ({', '.join(found)} in {data['mirror_path']}); "
-                   f"--rebuild builds anyway")
+    ctx.state[REUSED] = verdict.version
+    raise UpToDate(verdict.why)
