@@ -21,7 +21,7 @@ trap 'umount "$tree" 2>/dev/null; rmdir "$tree"' EXIT
 mount --bind / "$tree"
 sync
 tar --create --file "$out" --directory "$tree" --numeric-owner --sparse \
-    --xattrs --xattrs-include='*' --acls \
+    --xattrs --xattrs-include='security.*' --xattrs-include='user.*' \
     --sort=name --mtime="@$epoch" --clamp-mtime --format=posix \
     --pax-option='exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime' \
     --exclude="./${out#/}" \
