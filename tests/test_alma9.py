@@ -70,7 +70,8 @@ def test_kickstart_passes_ksvalidator_rhel9(kickstart: Path, tmp_path: Path) -> 
                      kickstart.read_text() + "\nauthconfig --enableshadow\n"):
         bad = tmp_path / "ks.cfg"
         bad.write_text(bad_text)
-        proc = subprocess.run(["ksvalidator", "-v", "RHEL9", str(bad)], capture_output=True, text=True)
+        proc = subprocess.run(["ksvalidator", "-v", "RHEL9", str(bad)], capture_output=True,
+                              text=True)
         assert proc.returncode != 0
 
 
