@@ -3,7 +3,7 @@
 # and OpenCHAMI). Runs last in the VM, after cleanup.sh; Packer downloads $OSIMAGE_ROOTFS_OUTPUT.
 # First the initramfs is made able to boot diskless (dracut's dmsquash-live + livenet:
 # root=live:http://.../IMAGE.squashfs), not host-only, so the same file also boots the disk.
-# The tar keeps xattrs, ACLs and SELinux labels; it leaves out the pseudo filesystems' content
+# The tar keeps SELinux labels and security./user. xattrs, no ACLs (tar2sqfs refuses them); it leaves out the pseudo filesystems' content
 # (their mount points stay), /boot/efi, caches, temporary files, the machine's identity
 # (machine-id, SSH host keys), root's authorized_keys (cleanup.sh emptied it of the build's key;
 # a site adds its own) and itself. It is reproducible: names sorted, file times clamped to
@@ -32,7 +32,7 @@ mkdir -p "$(dirname "$out")"
 rm -f "$out"
 sync
 tar --create --file "$out" --directory / --numeric-owner --sparse \
-    --xattrs --xattrs-include='*' --acls --selinux \
+    --xattrs --xattrs-include='security.*' --xattrs-include='user.*' --selinux \
     --sort=name --mtime="@$epoch" --clamp-mtime --format=posix \
     --pax-option='exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime' \
     --exclude="./${out#/}" \
