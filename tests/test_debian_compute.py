@@ -5,8 +5,8 @@ only it build (`plan` says which file); nothing changed, both are up to date in 
 the child's OCI image shares the parent's layer in a real registry (when debian-base exports
 one). One module-scoped repository: the base and the compute layer are built once.
 
-Time under TCG on a loaded 2-core machine (measured 2026-11-26): debian-base 210 s, then
-debian-compute about 7 minutes, the Ansible package install in the VM 5 of them.
+Time under TCG on a shared 2-core machine (measured 2026-11-26): debian-base 52-210 s by load,
+then debian-compute 362-550 s, the Ansible package install in the VM 4.5-5 minutes of it.
 """
 
 from __future__ import annotations
