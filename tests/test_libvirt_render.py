@@ -4,15 +4,18 @@ checked against matches the plugin's documented fields (no hypervisor needed).""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ruamel.yaml import YAML
 
 from osimage.backends.libvirt import steps as libvirt_steps
 from osimage.build import hclschema
 from osimage.errors import ConfigError
 from tests.conftest import PROJECT, build_py
+from tests.test_tidy import add_build
 
 IMAGES = sorted(p.parent.name for p in (PROJECT / "images").glob("*/image.yaml"))
 
@@ -46,6 +49,12 @@ def test_every_image_renders_for_both_backends(repo: Path, lv_site: Path, image:
     passes the plugin's schema, with nothing that needs the hypervisor at render time."""
     if image == "debian-base":  # its source disk, made once per session (mmdebstrap)
         repo = request.getfixturevalue("debian_repo")
+    parent = YAML(typ="safe").load((repo / "images" / image / "image.yaml").read_text()).get(
+        "parent")
+    if parent is not None:  # a layer renders from its parent's recorded build (a small disk)
+        disk = repo / "parent.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1G"], check=True)
+        add_build(repo, parent, "1.0", mirror=repo / "mirror", content=disk.read_bytes())
     proc = build_py(repo, "render", image)
     assert proc.returncode == 0, proc.stderr
     qemu_hcl = repo / proc.stdout.strip()
