@@ -28,6 +28,7 @@ libvirt:
   uri: qemu+ssh://root@kvm01.example/system
   pool: images
   network: builds
+  driver: plugin
 """
 
 
@@ -187,6 +188,11 @@ def test_renders_for_both_backends(alma_repo: Path, tmp_path: Path, image: str) 
         key = next(v for v in src["volume"] if v.get("alias") == "oemdrv")["source"][0][
             "contents"]["osimage/authorized_keys"].strip()
         assert f'sshkey --username=root "{key}"' in ks
+    # and for the native driver, the default: a null source Packer provisions over SSH
+    site.write_text(LIBVIRT_SITE.replace("  driver: plugin\n", ""))
+    proc = build_py(alma_repo, "render", image, "--site", str(site))
+    assert proc.returncode == 0, proc.stderr
+    assert 'source "null"' in (alma_repo / proc.stdout.strip()).read_text()
 
 
 def test_build_without_the_dvd_is_refused_before_packer(alma_repo: Path, tmp_path: Path) -> None:
