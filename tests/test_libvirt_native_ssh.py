@@ -63,7 +63,7 @@ def test_smoke_through_qemu_ssh_with_the_hypervisor_as_bastion(
     [entry] = json.loads((repo / "images" / "smoke" / "manifest.json").read_text())["builds"]
     sha = subprocess.run(["sha256sum", str(artifact)], check=True, capture_output=True,
                          text=True).stdout.split()[0]
-    assert entry["custom_data"]["sha256"] == {"smoke.qcow2": sha}
+    assert entry["custom_data"]["sha256"]["smoke.qcow2"] == sha
     assert leftovers(env) == []
     assert env.qemu_pids() == []
 

@@ -57,7 +57,7 @@ def test_stick_built_through_native_libvirt(netns_env: NetnsLibvirt, usb_repo: P
     entry = data["builds"][-1]
     assert entry["builder_type"] == "libvirt-native"
     sha = hashlib.sha256(stick.read_bytes()).hexdigest()
-    assert entry["custom_data"]["sha256"] == {"usb-installer-test.raw": sha}
+    assert entry["custom_data"]["sha256"]["usb-installer-test.raw"] == sha
     want = hashlib.sha256(payload_bytes()).hexdigest()
     assert entry["custom_data"]["payload"]["sha256"] == want
 
