@@ -119,6 +119,32 @@ class HttpMirror:
                                f"{netreason.reason(e)}") from None
 
 
+def read_small(reader: MirrorReader, path: str, limit: int) -> bytes | None:
+    """A small file from the mirror (its first `limit` bytes), or None when it is not there."""
+    if isinstance(reader, LocalMirror):
+        try:
+            with (reader.root / path).open("rb") as f:
+                return f.read(limit)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ReleaseError(f"{reader.describe()}: cannot read {path}: {e.strerror}") from None
+    assert isinstance(reader, HttpMirror)
+    import requests
+
+    try:
+        r = requests.get(reader.url(path), timeout=HTTP_TIMEOUT)
+    except requests.RequestException as e:
+        raise ReleaseError(f"{reader.describe()}: cannot get {path}: "
+                           f"{netreason.reason(e)}") from None
+    if r.status_code == 404:
+        return None
+    if r.status_code != 200:
+        raise ReleaseError(f"{reader.describe()}: {path}: "
+                           f"{netreason.http_status(r.status_code, r.reason)}")
+    return r.content[:limit]
+
+
 def open_reader(root: Path, site_file: Path | None, mirror_url: str | None) -> MirrorReader:
     """--mirror-url, else the site's mirror.http, else its local mirror folder."""
     url = mirror_url

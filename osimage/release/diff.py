@@ -17,10 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from osimage import netreason
 from osimage.features.packages import Package, PackageListError, read_document
 from osimage.features.patches import SUFFIX
-from osimage.publish.mirror import LocalMirror
 from osimage.release import commands
 from osimage.release.manifest import FileEntry, ImageEntry, Release, ReleaseError
 from osimage.release.versions import compare
@@ -30,29 +28,8 @@ MAX_LIST = 64 << 20  # a package list or patch index read from the mirror
 
 
 def read_mirror_file(reader: commands.MirrorReader, path: str) -> bytes | None:
-    """A small file from the mirror, or None when it is not there."""
-    if isinstance(reader, commands.HttpMirror):
-        import requests
-
-        try:
-            r = requests.get(reader.url(path), timeout=commands.HTTP_TIMEOUT)
-        except requests.RequestException as e:
-            raise ReleaseError(f"{reader.describe()}: cannot get {path}: "
-                               f"{netreason.reason(e)}") from None
-        if r.status_code == 404:
-            return None
-        if r.status_code != 200:
-            raise ReleaseError(f"{reader.describe()}: {path}: "
-                               f"{netreason.http_status(r.status_code, r.reason)}")
-        return r.content[:MAX_LIST]
-    assert isinstance(reader, LocalMirror)
-    try:
-        with (reader.root / path).open("rb") as f:
-            return f.read(MAX_LIST)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise ReleaseError(f"{reader.describe()}: cannot read {path}: {e.strerror}") from None
+    """A package list or patch index from the mirror, or None when it is not there."""
+    return commands.read_small(reader, path, MAX_LIST)
 
 
 def list_file(entry: ImageEntry) -> FileEntry | None:

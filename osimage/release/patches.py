@@ -14,14 +14,11 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from osimage import netreason
 from osimage.errors import ConfigError
 from osimage.features.patches import PATCH_DIR, SUFFIX
-from osimage.publish.mirror import LocalMirror
 from osimage.release import commands as release
 from osimage.release.commands import (
     SHA256,
-    HttpMirror,
     MirrorReader,
     ReleaseError,
 )
@@ -42,28 +39,8 @@ def _check_path(path: str) -> str:
 
 
 def _read_side_file(reader: MirrorReader, path: str) -> bytes | None:
-    """A small file from the mirror, or None when it is not there."""
-    if isinstance(reader, LocalMirror):
-        try:
-            with (reader.root / path).open("rb") as f:
-                return f.read(MAX_SIDE_FILE)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise ReleaseError(f"{reader.describe()}: cannot read {path}: {e.strerror}") from None
-    assert isinstance(reader, HttpMirror)
-    import requests
-
-    try:
-        r = requests.get(reader.url(path), timeout=release.HTTP_TIMEOUT)
-    except requests.RequestException as e:
-        raise ReleaseError(f"{reader.describe()}: cannot get {path}: "
-                           f"{netreason.reason(e)}") from None
-    if r.status_code == 404:
-        return None
-    if r.status_code != 200:
-        raise ReleaseError(f"{reader.describe()}: {path}: HTTP {r.status_code} {r.reason}")
-    return r.content[:MAX_SIDE_FILE]
+    """A .sha256, index.json or signature file from the mirror, or None when it is not there."""
+    return release.read_small(reader, path, MAX_SIDE_FILE)
 
 
 def _published(reader: MirrorReader, path: str) -> list[tuple[str, str, int | None]]:
