@@ -38,7 +38,7 @@ from osimage.publish.mirror import open_mirror
 from osimage.release import commands as release
 from osimage.release.commands import MirrorReader
 from osimage.release.manifest import MANIFEST, UNKNOWN_SIZE, ImageEntry, Release
-from osimage.release.patches import _read_side_file
+from osimage.release.patches import read_side_file
 from osimage.release.sign import SIGNATURE, SUMS, Signed, release_dir, signed_of
 from osimage.runner import child_env
 from osimage.sizes import human
@@ -162,7 +162,7 @@ def parse_packages(data: bytes) -> dict[str, str]:
 
 
 def _packages(reader: MirrorReader, image: str, entry: ImageEntry) -> dict[str, str] | None:
-    data = _read_side_file(reader, _package_path(image, entry))
+    data = read_side_file(reader, _package_path(image, entry))
     if data is None:
         return None
     try:
@@ -202,7 +202,7 @@ def _patch_view(reader: MirrorReader, rel: Release) -> PatchView | None:
         return None
     view = _file_view(p.path, UNKNOWN_SIZE if p.size is None else p.size, p.sha256, "patches")
     stem = next((p.path.removesuffix(s) for s in SUFFIX.values() if p.path.endswith(s)), p.path)
-    data = _read_side_file(reader, f"{stem}.index.json")
+    data = read_side_file(reader, f"{stem}.index.json")
     if data is None:
         return PatchView(view, None)
     try:

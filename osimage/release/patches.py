@@ -38,7 +38,7 @@ def _check_path(path: str) -> str:
     return str(pure)
 
 
-def _read_side_file(reader: MirrorReader, path: str) -> bytes | None:
+def read_side_file(reader: MirrorReader, path: str) -> bytes | None:
     """A .sha256, index.json or signature file from the mirror, or None when it is not there."""
     return release.read_small(reader, path, MAX_SIDE_FILE)
 
@@ -46,14 +46,14 @@ def _read_side_file(reader: MirrorReader, path: str) -> bytes | None:
 def _published(reader: MirrorReader, path: str) -> list[tuple[str, str, int | None]]:
     """(where, sha256, size or None) as the files published beside the tarball give them."""
     out: list[tuple[str, str, int | None]] = []
-    side = _read_side_file(reader, f"{path}.sha256")
+    side = read_side_file(reader, f"{path}.sha256")
     if side is not None:
         words = side.decode(errors="replace").split()
         if not words or not SHA256.match(words[0]):
             raise ReleaseError(f"{path}.sha256 on the {reader.describe()}: not a sha256 line")
         out.append((f"{path}.sha256", words[0], None))
     stem = next((path.removesuffix(s) for s in SUFFIX.values() if path.endswith(s)), path)
-    index = _read_side_file(reader, f"{stem}.index.json")
+    index = read_side_file(reader, f"{stem}.index.json")
     if index is not None:
         try:
             doc: Any = json.loads(index)

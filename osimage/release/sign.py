@@ -40,7 +40,7 @@ from osimage.publish.mirror import open_mirror
 from osimage.release import commands as release
 from osimage.release.commands import MirrorReader, ReleaseError
 from osimage.release.manifest import MANIFEST, Release, put
-from osimage.release.patches import _read_side_file
+from osimage.release.patches import read_side_file
 from osimage.runner import child_env
 
 KEYS_DIR = "manifests/keys"
@@ -261,12 +261,12 @@ def sign(root: Path, name: str, site_file: Path | None, mirror_url: str | None,
     shown = f"{release_dir(name)}/{SIGNATURE}"
     with tempfile.TemporaryDirectory(prefix="osimage-sign-") as tmp:
         sums, asc = Path(tmp) / SUMS, Path(tmp) / SIGNATURE
-        on_mirror = _read_side_file(reader, f"{release_dir(name)}/{SUMS}")
+        on_mirror = read_side_file(reader, f"{release_dir(name)}/{SUMS}")
         if on_mirror is not None and on_mirror.decode(errors="replace") != text:
             raise ReleaseError(f"{release_dir(name)}/{SUMS} on the {reader.describe()} lists "
                                f"other files than release {name}: a signed release never "
                                "changes", hint="record a new release instead")
-        old_asc = _read_side_file(reader, shown) if on_mirror is not None else None
+        old_asc = read_side_file(reader, shown) if on_mirror is not None else None
         sums.write_text(text)
         if old_asc is not None:  # published by a signing that was stopped before recording
             asc.write_bytes(old_asc)
@@ -308,8 +308,8 @@ def verify_signature(root: Path, rel: Release, reader: MirrorReader) -> str | No
     if signed is None:
         return None
     base = release_dir(rel.name)
-    data = _read_side_file(reader, f"{base}/{SUMS}")
-    sig = _read_side_file(reader, f"{base}/{SIGNATURE}")
+    data = read_side_file(reader, f"{base}/{SUMS}")
+    sig = read_side_file(reader, f"{base}/{SIGNATURE}")
     for path, got in ((f"{base}/{SUMS}", data), (f"{base}/{SIGNATURE}", sig)):
         if got is None:
             raise ReleaseError(f"{path}: missing on the {reader.describe()} (release "
