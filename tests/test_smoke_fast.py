@@ -23,7 +23,8 @@ P2_OFFSET = 67108864  # the smoke disk's data partition (scripts/make-smoke-disk
 BUSYBOX_INIT_SLOW_PATH = "Sent SIGKILL to all processes"  # busybox init's own shutdown
 
 
-def _ssh(key: Path, port: int, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def _ssh(key: Path, port: int, command: str,
+         timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
          "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
