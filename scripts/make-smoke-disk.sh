@@ -279,8 +279,11 @@ fi
 ip link set lo up
 i=0
 while [ ! -e /sys/class/net/eth0 ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i + 1)); done
-udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 1 || echo "smoke: DHCP failed"
+# dropbear listens before eth0 has its address: a connection that reaches the guest finds
+# it (a refused one costs Packer a 5 s retry; one that cannot reach it, qemu's user network
+# resends seconds later).
 dropbear -R -E -p 22
+udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 10 -T 1 || echo "smoke: DHCP failed"
 echo "smoke: ready"
 exec /sbin/init
 EOF
