@@ -5,7 +5,7 @@ boot sector runs fine under KVM while a Linux kernel hangs before its first line
 boots the host's own kernel under KVM with no root file system; a working KVM reaches the
 "Kernel panic" (and qemu exits, -no-reboot) in about a second. Without a kernel in /boot the
 boot sector probe is all there is. The answer is cached for the machine's boot (boot_id), so
-only the first build after a reboot pays for the probe.
+only the first build after a reboot (or after qemu is replaced) pays for the probe.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 from osimage.errors import ConfigError
+from osimage.fsutil import atomic_write_text
 from osimage.runner import child_env
 
 PROBE_TIMEOUT = 4.0
@@ -72,6 +74,16 @@ def kvm_usable(qemu: str = "qemu-system-x86_64", timeout: float = PROBE_TIMEOUT)
         return proc.returncode == expect_rc and expect_out in out
 
 
+def binary_key(binary: str) -> str | None:
+    """What identifies an installed program: its real path, size and mtime (a cached answer
+    about it holds until it is replaced), or None when it is not on PATH."""
+    path = shutil.which(binary)
+    if path is None:
+        return None
+    st = os.stat(path)
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def cache_home() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "osimage"
@@ -88,13 +100,14 @@ def resolve(wanted: str, qemu: str = "qemu-system-x86_64", cache_dir: Path | Non
                               hint="set qemu.accelerator to 'auto' or 'tcg' in the site file")
         return "kvm"
     cache = cache_dir / "accelerator.json"
-    boot = _boot_id()
-    with contextlib.suppress(OSError, ValueError, KeyError):
+    boot, key = _boot_id(), binary_key(qemu)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         cached = json.loads(cache.read_text())
-        if cached["boot_id"] == boot and cached["qemu"] == qemu:
+        if (cached["boot_id"], cached["qemu"], cached["qemu_key"]) == (boot, qemu, key):
             return str(cached["accelerator"])
     found = "kvm" if kvm_usable(qemu) else "tcg"
+    # atomic: builds running side by side read it while one of them writes it
     with contextlib.suppress(OSError):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"boot_id": boot, "qemu": qemu, "accelerator": found}))
+        atomic_write_text(cache, json.dumps({"boot_id": boot, "qemu": qemu, "qemu_key": key,
+                                             "accelerator": found}))
     return found

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from osimage import runner
 from osimage.errors import BuildError, ConfigError
+from osimage.fsutil import atomic_write_text
 
 MIN_VERSION = (1, 6, 6)
 
@@ -47,13 +46,11 @@ def version(binary: str) -> tuple[int, int, int]:
 
 def _cached_version(binary: str) -> tuple[int, int, int]:
     """packer version, remembered per binary (path, size, mtime): it costs a process start."""
-    from osimage.build.accel import cache_home
+    from osimage.build.accel import binary_key, cache_home
 
-    path = shutil.which(binary)
-    if path is None:
+    key = binary_key(binary)
+    if key is None:
         raise BuildError(f"{binary}: command not found")
-    st = os.stat(path)
-    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
     cache = cache_home() / "packer-version.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         data = json.loads(cache.read_text())
@@ -61,9 +58,9 @@ def _cached_version(binary: str) -> tuple[int, int, int]:
             major, minor, patch = data["version"]
             return (int(major), int(minor), int(patch))
     found = version(binary)
+    # atomic: builds running side by side read it while one of them writes it
     with contextlib.suppress(OSError):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "version": list(found)}))
+        atomic_write_text(cache, json.dumps({"key": key, "version": list(found)}))
     return found
 
 
