@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import build_py, git, qemu_pids
+import pytest
+
+from tests.conftest import build_py, git, make_repo, qemu_pids
 from tests.servers import HTTPServer, SSHServer
 
 MANIFEST = Path("images/smoke/manifest.json")
@@ -48,9 +50,31 @@ def commit_change(repo: Path, rel: str, text: str) -> None:
     git(repo, "commit", "-qam", f"change {rel}")
 
 
-def test_unchanged_image_is_up_to_date(repo: Path) -> None:
-    first = build_py(repo, "smoke")
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory: pytest.TempPathFactory, smoke_sources: Path) -> Path:
+    """A repository where smoke was built and published once: the first build of every test
+    here, made once (each test then works on its own copy)."""
+    import hashlib
+
+    root = make_repo(tmp_path_factory.mktemp("uptodate") / "repo")
+    sources = root / "build" / "sources" / "smoke"
+    shutil.copytree(smoke_sources, sources)
+    script = root / "scripts" / "make-smoke-disk.sh"
+    (sources / ".prepare-stamp").write_text(hashlib.sha256(script.read_bytes()).hexdigest() + "\n")
+    first = build_py(root, "smoke")
     assert first.returncode == 0, first.stderr
+    assert len(builds(root)) == 1
+    return root
+
+
+@pytest.fixture
+def repo(tmp_path: Path, built_once: Path) -> Path:
+    """This test's copy of the built repository: the same git history (so the same version
+    and commit), manifest.json, build/ and mirror."""
+    return Path(shutil.copytree(built_once, tmp_path / "repo", symlinks=True))
+
+
+def test_unchanged_image_is_up_to_date(repo: Path) -> None:
     version = builds(repo)[0]["custom_data"]["version"]
     commit = builds(repo)[0]["custom_data"]["git_commit"]
 
@@ -97,8 +121,6 @@ def test_unchanged_image_is_up_to_date(repo: Path) -> None:
 
 
 def test_changed_or_missing_inputs_build(repo: Path) -> None:
-    first = build_py(repo, "smoke")
-    assert first.returncode == 0, first.stderr
     old = builds(repo)[0]["custom_data"]
 
     # a changed file of images/smoke: built again, and the output says what changed
@@ -130,8 +152,6 @@ def test_changed_or_missing_inputs_build(repo: Path) -> None:
 def test_up_to_date_on_an_ssh_mirror(repo: Path) -> None:
     """The files are checked over SFTP (stat and the .sha256) on a real sshd; the mirror is not
     an input: the build published to a local folder is the same image."""
-    first = build_py(repo, "smoke")
-    assert first.returncode == 0, first.stderr
     version = builds(repo)[0]["custom_data"]["version"]
     with SSHServer() as ssh, HTTPServer(ssh.root) as http:
         shutil.copytree(repo / "mirror" / "builds", ssh.root / "builds")
