@@ -35,6 +35,7 @@ def timed(argv: list[str], cwd: Path) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="osimage-bench-") as tmp:
         repo = make_repo(Path(tmp) / "repo")
         build = [sys.executable, str(repo / "build.py")]
@@ -55,6 +56,10 @@ def main() -> None:
         print(f"./build.py all debian-compute after that change: {layer:7.1f} s "
               "(debian-base up to date, reused)")
         print(f"ratio: {scratch / layer:.2f}x faster than building both from nothing")
+        # TCG guests share the machine's cores: the figures move with what else runs
+        print("load average (1, 5, 15 min) at the start: "
+              f"{' '.join(f'{x:.2f}' for x in load_before)}, at the end: "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
