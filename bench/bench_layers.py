@@ -29,7 +29,7 @@ def timed(argv: list[str], cwd: Path) -> tuple[float, str]:
                           env={k: v for k, v in os.environ.items() if k != "OSIMAGE_ROOT"})
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv[1:])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return time.monotonic() - t0, proc.stderr
+    return time.monotonic() - t0, proc.stdout + proc.stderr  # plan's table is on stdout
 
 
 def main() -> None:
