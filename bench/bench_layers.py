@@ -29,12 +29,13 @@ def timed(argv: list[str], cwd: Path) -> tuple[float, str]:
                           env={k: v for k, v in os.environ.items() if k != "OSIMAGE_ROOT"})
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv[1:])} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return time.monotonic() - t0, proc.stderr
+    return time.monotonic() - t0, proc.stdout + proc.stderr  # plan's table is on stdout
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="osimage-bench-") as tmp:
         repo = make_repo(Path(tmp) / "repo")
         build = [sys.executable, str(repo / "build.py")]
@@ -55,6 +56,10 @@ def main() -> None:
         print(f"./build.py all debian-compute after that change: {layer:7.1f} s "
               "(debian-base up to date, reused)")
         print(f"ratio: {scratch / layer:.2f}x faster than building both from nothing")
+        # TCG guests share the machine's cores: the figures move with what else runs
+        print("load average (1, 5, 15 min) at the start: "
+              f"{' '.join(f'{x:.2f}' for x in load_before)}, at the end: "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -125,3 +125,10 @@ def test_build_debian_base_end_to_end(debian_repo: Path, open_disk: Opener) -> N
     assert any(p["licenses"] for p in listed["packages"])  # machine-readable copyright files
     # the build's own key and the host keys of its boot did not ship
     assert_no_secrets(fs)
+    # its exports (debian-compute's OCI image is layered on them), the tar made in a tmpfs:
+    # not shipped inside the disk
+    exports = ["debian-base-rootfs.tar", "debian-base-oci.tar"]
+    check = subprocess.run(["sha256sum", "-c", *(f"{n}.sha256" for n in exports)],
+                           cwd=published, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert not fs.exists("/var/tmp/osimage-rootfs.tar")

@@ -95,6 +95,7 @@ def test_unchanged_image_is_up_to_date(repo: Path) -> None:
     assert f"smoke is up to date: reused build {version} (commit {commit[:7]}, " in proc.stderr
     assert "inputs hash" in proc.stderr and "smoke.qcow2" in proc.stderr
     assert "packer build" not in proc.stderr
+    assert "ok check up to date" in proc.stderr and "failed" not in proc.stderr
     assert not vms
     assert wall < 2, wall
     assert len(builds(repo)) == 1  # nothing recorded: the reused build is the record

@@ -95,8 +95,14 @@ def start(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:
 def _run(ctx: BuildContext, steps: list[Step], stack: contextlib.ExitStack) -> None:
     for step in steps:
         runner.check_interrupted()
+        done: UpToDate | None = None
         with ctx.reporter.step(step.name):
-            step.run(ctx, stack)
+            try:
+                step.run(ctx, stack)
+            except UpToDate as e:  # the check's answer, not its failure: the step is ok
+                done = e
+        if done is not None:
+            raise done
 
 
 def run_build(root: Path, opts: BuildOptions, reporter: Reporter) -> BuildContext:

@@ -1,9 +1,9 @@
 #!/bin/sh
 # The provisioned root tree as a tar, for the diskless exports (osimage/features/exports.py:
 # Warewulf 4, OpenCHAMI). Runs last in the VM, after cleanup.sh; Packer downloads
-# $OSIMAGE_ROOTFS_OUTPUT. It leaves out the pseudo filesystems' content (their mount points
-# stay), caches, temporary files, the machine's identity (machine-id, SSH host keys), root's
-# authorized_keys and itself. Reproducible: names sorted, file times clamped to
+# $OSIMAGE_ROOTFS_OUTPUT from a tmpfs. It leaves out the pseudo filesystems' content (their
+# mount points stay), caches, temporary files, the machine's identity (machine-id, SSH host
+# keys), root's authorized_keys and itself. Reproducible: names sorted, file times clamped to
 # $SOURCE_DATE_EPOCH (the commit's time), no atime/ctime and no PID in the pax headers.
 set -eu
 out=${OSIMAGE_ROOTFS_OUTPUT:?}
@@ -12,7 +12,12 @@ case $out in
     /var/tmp/* | /tmp/*) ;;
     *) echo "rootfs.sh: $out must be under /var/tmp or /tmp (left out of the tar)" >&2; exit 1 ;;
 esac
-mkdir -p "$(dirname "$out")"
+# The tar goes to a tmpfs, not to the disk: Packer takes the disk after the download, so a
+# tar on the disk would ship inside the image (and its blocks stay in the qcow2 once removed).
+# The image's memory must hold it (image.yaml: memory).
+dir=$(dirname "$out")
+mkdir -p "$dir"
+mountpoint -q "$dir" || mount -t tmpfs -o mode=1777,size=90% osimage-rootfs "$dir"
 rm -f "$out"
 # The root file system alone, through a bind mount: the pseudo filesystems mounted on it
 # (/proc, /sys, /dev, /run) show as their empty mount points, and nothing changes under tar.
