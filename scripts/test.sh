@@ -9,4 +9,9 @@ ruff check osimage tests bench build.py
 echo "== mypy --strict"
 mypy
 echo "== pytest"
-exec python3 -m pytest -ra --durations=30 "$@"
+# On N workers (pytest-xdist): a file's tests (or a group's, tests/conftest.py GROUPS) stay on
+# one worker so module- and session-scoped fixtures are made once; the slow files start first
+# (conftest SLOW_FIRST), which --no-loadscope-reorder keeps. Most tests wait on a TCG VM, I/O
+# or a sleep, so more workers than cores pays: OSIMAGE_TEST_WORKERS overrides the count.
+exec python3 -m pytest -n "${OSIMAGE_TEST_WORKERS:-4}" --dist loadgroup --no-loadscope-reorder \
+    -ra --durations=30 "$@"
