@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from osimage.errors import ConfigError
+from osimage.fsutil import atomic_write_text
 from osimage.runner import child_env
 
 PROBE_TIMEOUT = 4.0
@@ -94,7 +95,7 @@ def resolve(wanted: str, qemu: str = "qemu-system-x86_64", cache_dir: Path | Non
         if cached["boot_id"] == boot and cached["qemu"] == qemu:
             return str(cached["accelerator"])
     found = "kvm" if kvm_usable(qemu) else "tcg"
-    with contextlib.suppress(OSError):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"boot_id": boot, "qemu": qemu, "accelerator": found}))
+    with contextlib.suppress(OSError):  # whole or not at all: another build may read it now
+        atomic_write_text(cache, json.dumps({"boot_id": boot, "qemu": qemu,
+                                             "accelerator": found}))
     return found

@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from osimage import runner
 from osimage.errors import BuildError, ConfigError
+from osimage.fsutil import atomic_write_text
 
 MIN_VERSION = (1, 6, 6)
 
@@ -61,9 +62,8 @@ def _cached_version(binary: str) -> tuple[int, int, int]:
             major, minor, patch = data["version"]
             return (int(major), int(minor), int(patch))
     found = version(binary)
-    with contextlib.suppress(OSError):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "version": list(found)}))
+    with contextlib.suppress(OSError):  # whole or not at all: another build may read it now
+        atomic_write_text(cache, json.dumps({"key": key, "version": list(found)}))
     return found
 
 
