@@ -6,6 +6,7 @@ not a truncated file that it would take for no cache at all."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ import pytest
 from osimage.build import accel, packer
 
 
-def _stale_then_rewritten(path: Path, stale: dict[str, object], rewrite: object) -> None:
+def _stale_then_rewritten(path: Path, stale: dict[str, object],
+                          rewrite: Callable[[], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     old = json.dumps(stale)
     path.write_text(old)
