@@ -37,7 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # --durations=0 (seconds per file under xdist, 2 cores); files not named here come after, by
 # name. Every worker must collect the same order: this is a fixed list, not a measurement.
 SLOW_FIRST = (
-    "debian",  # test_debian_base + test_debian_compute: one debian_base_sources, ~8 min
+    "debian",  # test_debian_base, _compute, test_libvirt_render: one debian_base_sources
     "test_libvirt_native_iso.py",
     "test_uptodate.py",
     "test_exports_repro.py",
@@ -67,6 +67,7 @@ SLOW_FIRST = (
 GROUPS = {
     "test_debian_base.py": "debian",
     "test_debian_compute.py": "debian",
+    "test_libvirt_render.py": "debian",  # debian-base renders from debian_repo too
     "test_libvirt.py": "machine-libvirtd",
     "test_clean_tags.py": "machine-libvirtd",
 }
@@ -77,6 +78,7 @@ def _unit(item: pytest.Item) -> str:
     return GROUPS.get(name, name)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under xdist: each test in the group of its file (loadgroup then keeps a module's tests,
     and its module-scoped fixtures, on one worker), and the slow units first. A serial run
