@@ -42,15 +42,14 @@ SLOW_FIRST = (
     "test_uptodate.py",
     "test_exports_repro.py",
     "test_parent.py",
-    "test_libvirt_native.py",
+    "machine-libvirtd",
     "test_all_plan.py",
     "test_patches.py",
-    "test_usb_installer.py",
+    "usb",
     "test_manifest_honest.py",
     "test_libvirt_native_phases.py",
     "test_publish_interrupts.py",
     "test_packages.py",
-    "test_libvirt_native_usb.py",
     "test_libvirt_native_build.py",
     "test_parent_oci.py",
     "test_debug.py",
@@ -62,14 +61,18 @@ SLOW_FIRST = (
 )
 # Files that must run on one worker, one after the other: they share a session fixture (made
 # once per worker otherwise), or the machine's libvirtd (ensure_libvirtd starts it if it is
-# not running and stop_started stops it at the end of the module: a second worker must not
-# be using it then).
+# not running and stop_started stops it at the end of the session: no other worker may be
+# using or watching it then).
 GROUPS = {
     "test_debian_base.py": "debian",
     "test_debian_compute.py": "debian",
     "test_libvirt_render.py": "debian",  # debian-base renders from debian_repo too
     "test_libvirt.py": "machine-libvirtd",
     "test_clean_tags.py": "machine-libvirtd",
+    # checks that the machine's libvirtd (its pid file) is left alone by its own
+    "test_libvirt_native.py": "machine-libvirtd",
+    "test_usb_installer.py": "usb",  # the session's usb_live ISO
+    "test_libvirt_native_usb.py": "usb",
 }
 
 
