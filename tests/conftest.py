@@ -154,6 +154,15 @@ def build_py(repo: Path, *args: str, timeout: float = 240,
                           stdin=subprocess.DEVNULL)
 
 
+def under_load(seconds: float) -> float:
+    """A wall-clock limit of a test, stated for an idle machine, stretched by how many
+    runnable processes share each core now (the other xdist workers, other test runs): the
+    test still catches a wait many times too long, and does not fail because the CPU was
+    shared."""
+    per_core = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return seconds * max(1.0, per_core)
+
+
 def qemu_pids(under: Path | None = None) -> set[int]:
     """Live qemu processes, only those whose command line names a path under `under` if given
     (so tests running side by side do not see each other's VMs). Zombies are already dead."""
