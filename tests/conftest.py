@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -65,8 +65,7 @@ SLOW_FIRST = (
 # not running and stop_started stops it at the end of the session: no other worker may be
 # using or watching it then).
 GROUPS = {
-    # debian_base_sources (mmdebstrap, ~40 s idle) is made again by test_debian_compute's
-    # worker: cheaper than the ~2 min of test_debian_base added to compute's ~6 min chain
+    # apart from test_debian_compute (~6 min alone); debian_base_sources is made once for both
     "test_debian_base.py": "debian-base",
     "test_libvirt_render.py": "debian-base",  # debian-base renders from debian_repo too
     "test_libvirt.py": "machine-libvirtd",
@@ -124,13 +123,36 @@ def make_repo(dest: Path) -> Path:
     return dest
 
 
+def made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder made by make() once per test run. Under xdist each worker has a session of its
+    own: the first worker to ask makes it in the run's shared temp folder while the others
+    wait on a file lock, then all use it (read-only: fixtures copy it)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        out = factory.mktemp(name)
+        make(out)
+        return out
+    from filelock import FileLock
+
+    shared = factory.getbasetemp().parent  # the run's folder, above each worker's own
+    out = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (shared / f"{name}.made").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            make(out)
+            (shared / f"{name}.made").touch()
+    return out
+
+
+def _make_smoke_source(out: Path) -> None:
+    subprocess.run([str(PROJECT / "scripts" / "make-smoke-disk.sh"), str(out)], check=True,
+                   capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def smoke_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke source disk, made once by the project's own script."""
-    out = tmp_path_factory.mktemp("smoke-sources")
-    subprocess.run([str(PROJECT / "scripts" / "make-smoke-disk.sh"), str(out)], check=True,
-                   capture_output=True)
-    return out
+    return made_once(tmp_path_factory, "smoke-sources", _make_smoke_source)
 
 
 @pytest.fixture
@@ -205,10 +227,8 @@ def make_debian_base_source(out: Path) -> None:
 
 @pytest.fixture(scope="session")
 def debian_base_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The debian-base source disk, made once per session."""
-    out = tmp_path_factory.mktemp("debian-base-sources")
-    make_debian_base_source(out)
-    return out
+    """The debian-base source disk, made once per run (shared by the xdist workers)."""
+    return made_once(tmp_path_factory, "debian-base-sources", make_debian_base_source)
 
 
 @pytest.fixture

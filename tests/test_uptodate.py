@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import build_py, git, qemu_pids
+from tests.conftest import build_py, git, qemu_pids, under_load
 from tests.servers import HTTPServer, SSHServer
 
 MANIFEST = Path("images/smoke/manifest.json")
@@ -72,7 +72,7 @@ def test_unchanged_image_is_up_to_date(repo: Path) -> None:
     assert "inputs hash" in proc.stderr and "smoke.qcow2" in proc.stderr
     assert "packer build" not in proc.stderr
     assert not vms
-    assert wall < 2, wall
+    assert wall < under_load(2), wall
     assert len(builds(repo)) == 1  # nothing recorded: the reused build is the record
 
     # release record takes the reused build
