@@ -11,7 +11,8 @@ mypy
 echo "== pytest"
 # On N workers (pytest-xdist): a file's tests (or a group's, tests/conftest.py GROUPS) stay on
 # one worker so module- and session-scoped fixtures are made once; the slow files start first
-# (conftest SLOW_FIRST), which --no-loadscope-reorder keeps. Most tests wait on a TCG VM, I/O
-# or a sleep, so more workers than cores pays: OSIMAGE_TEST_WORKERS overrides the count.
-exec python3 -m pytest -n "${OSIMAGE_TEST_WORKERS:-4}" --dist loadgroup --no-loadscope-reorder \
+# (conftest SLOW_FIRST), which --no-loadscope-reorder keeps. 3 workers on 2 cores: tests also
+# wait on I/O and sleeps, but each TCG VM wants a whole core, and with 4 at once on a loaded
+# machine smoke guests missed their SSH timeout. OSIMAGE_TEST_WORKERS overrides the count.
+exec python3 -m pytest -n "${OSIMAGE_TEST_WORKERS:-3}" --dist loadgroup --no-loadscope-reorder \
     -ra --durations=30 "$@"
