@@ -14,5 +14,7 @@ echo "== pytest"
 # (conftest SLOW_FIRST), which --no-loadscope-reorder keeps. 3 workers on 2 cores: tests also
 # wait on I/O and sleeps, but each TCG VM wants a whole core, and with 4 at once on a loaded
 # machine smoke guests missed their SSH timeout. OSIMAGE_TEST_WORKERS overrides the count.
+# The per-test hang guard (pyproject: 300 s) doubled: with cores shared, a module fixture of
+# two smoke builds (36 s alone) passed 300 s on a loaded machine.
 exec python3 -m pytest -n "${OSIMAGE_TEST_WORKERS:-3}" --dist loadgroup --no-loadscope-reorder \
-    -ra --durations=30 "$@"
+    --timeout 600 -ra --durations=30 "$@"
