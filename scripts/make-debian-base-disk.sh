@@ -88,7 +88,8 @@ trap 'rm -rf "$WORK"' EXIT
 # --- .deb cache, keyed by everything that decides which .debs are fetched -----
 cache_key=$(printf '%s\n' "$SUITE" "$VARIANT" "$MIRROR" "$PACKAGES" | sha256sum | cut -c1-16)
 DEBS=$CACHE_ROOT/debs/$SUITE-$cache_key
-mkdir -p "$DEBS"
+INCOMING=$CACHE_ROOT/debs/.incoming  # same file system as $DEBS: a rename moves a file in
+mkdir -p "$DEBS" "$INCOMING" "$WORK/debs-out"
 
 # --- customize hook: runs outside the chroot with the tree as $1 --------------
 cat >"$WORK/customize.sh" <<EOF
@@ -174,10 +175,23 @@ mmdebstrap --quiet --variant="$VARIANT" --include="$PACKAGES" \
     --skip=essential/unlink \
     --setup-hook="mkdir -p \"\$1/var/cache/apt/archives/\"" \
     --setup-hook="sync-in '$DEBS' /var/cache/apt/archives/" \
-    --customize-hook="sync-out /var/cache/apt/archives '$DEBS'" \
+    --customize-hook="sync-out /var/cache/apt/archives '$WORK/debs-out'" \
     --customize-hook="$WORK/customize.sh" \
     "$SUITE" "$WORK/root.tar" "$MIRROR"
 echo "mmdebstrap: $(($(date +%s) - start)) s"
+# Into the shared cache one whole .deb at a time (a copy beside it, then a rename): another
+# build's sync-in at the same moment sees each file complete or not at all, and two builds
+# adding the same .deb (same name, same bytes) both succeed.
+for deb in "$WORK"/debs-out/*.deb; do
+    [ -e "$deb" ] || continue
+    name=${deb##*/}
+    [ -e "$DEBS/$name" ] && continue
+    tmp=$(mktemp "$INCOMING/$name.XXXXXX")
+    if ! { cp "$deb" "$tmp" && chmod 0644 "$tmp" && mv -f "$tmp" "$DEBS/$name"; }; then
+        rm -f "$tmp"
+        die "cannot add $name to the cache $DEBS"
+    fi
+done
 
 # --- the tree, then boot files --------------------------------------------------
 TREE=$WORK/tree

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import build_py, git, make_repo, qemu_pids
+from tests.conftest import build_py, git, make_repo, qemu_pids, under_load
 from tests.servers import HTTPServer, SSHServer
 
 MANIFEST = Path("images/smoke/manifest.json")
@@ -97,7 +97,7 @@ def test_unchanged_image_is_up_to_date(repo: Path) -> None:
     assert "packer build" not in proc.stderr
     assert "ok check up to date" in proc.stderr and "failed" not in proc.stderr
     assert not vms
-    assert wall < 2, wall
+    assert wall < under_load(2), wall
     assert len(builds(repo)) == 1  # nothing recorded: the reused build is the record
 
     # release record takes the reused build
