@@ -9,6 +9,7 @@ with its own config, filesystem storage in a private folder, on a free port, pla
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -17,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from tests.servers import free_port
 
@@ -96,6 +97,18 @@ class Registry:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+
+    def blob_count(self) -> int:
+        """How many blobs the registry stores (a layer pushed twice is stored once)."""
+        return len(list((self.dir / "data").rglob("blobs/sha256/*/*/data")))
+
+    def manifest(self, image: str, tag: str) -> dict[str, Any]:
+        """The image's manifest as the registry serves it (skopeo)."""
+        out = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                              f"docker://{self.host}/osimage/{image}:{tag}"], check=True,
+                             capture_output=True, text=True).stdout
+        data: dict[str, Any] = json.loads(out)
+        return data
 
     def close(self) -> None:
         self.stop()

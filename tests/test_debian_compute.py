@@ -73,9 +73,6 @@ def test_compute_playbook_passes_ansible_lint(tmp_path: Path) -> None:
         sorted(PACKAGES)
 
 
-def blob_count(registry: Registry) -> int:
-    return len(list((registry.dir / "data").rglob("blobs/sha256/*/*/data")))
-
 
 @dataclass
 class Built:
@@ -111,7 +108,7 @@ def layered(tmp_path_factory: pytest.TempPathFactory, debian_base_sources: Path
             proc = build_py(repo, image, timeout=2000)
             assert proc.returncode == 0, proc.stderr[-5000:]
             print(f"{image} build: {time.monotonic() - t0:.0f} s")
-            blobs.append(blob_count(registry) if registry is not None else 0)
+            blobs.append(registry.blob_count() if registry is not None else 0)
             logs.append(proc.stderr)
         yield Built(repo, latest(repo, "debian-base"), latest(repo, "debian-compute"), logs[1],
                     registry, *blobs)
@@ -159,13 +156,6 @@ def test_debian_rootfs_scripts_are_one_script() -> None:
     assert base.read_bytes() == (COMPUTE / "provision" / "rootfs.sh").read_bytes()
 
 
-def manifest(registry: Registry, image: str, tag: str) -> dict[str, Any]:
-    out = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                          f"docker://{registry.host}/osimage/{image}:{tag}"], check=True,
-                         capture_output=True, text=True).stdout
-    data: dict[str, Any] = json.loads(out)
-    return data
-
 
 def test_child_oci_shares_the_parent_layer_in_a_registry(layered: Built) -> None:
     """Both builds pushed: the registry holds debian-base's layer once, and debian-compute's
@@ -175,8 +165,8 @@ def test_child_oci_shares_the_parent_layer_in_a_registry(layered: Built) -> None
         pytest.skip("docker-registry is not installed (scripts/setup.sh)")
     tag = layered.base["custom_data"]["version"]
     assert layered.compute["custom_data"]["version"] == tag
-    parent = manifest(registry, "debian-base", tag)
-    child = manifest(registry, "debian-compute", tag)
+    parent = registry.manifest("debian-base", tag)
+    child = registry.manifest("debian-compute", tag)
     assert len(parent["layers"]) == 1 and len(child["layers"]) == 2
     assert child["layers"][0]["digest"] == parent["layers"][0]["digest"]
     assert child["layers"][1]["size"] < parent["layers"][0]["size"] / 2

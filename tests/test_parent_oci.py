@@ -12,7 +12,6 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -37,16 +36,6 @@ sync
 """
 
 
-def blob_count(registry: Registry) -> int:
-    return len(list((registry.dir / "data").rglob("blobs/sha256/*/*/data")))
-
-
-def manifest(registry: Registry, image: str, tag: str) -> dict[str, Any]:
-    out = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                          f"docker://{registry.host}/osimage/{image}:{tag}"], check=True,
-                         capture_output=True, text=True).stdout
-    data: dict[str, Any] = json.loads(out)
-    return data
 
 
 @dataclass
@@ -82,15 +71,15 @@ def pushed(tmp_path_factory: pytest.TempPathFactory, smoke_sources: Path) -> Ite
         git(repo, "add", "-A")
         git(repo, "commit", "-qm", "smoke and a child, with OCI exports")
         ok(build_py(repo, "smoke"))
-        after_parent = blob_count(registry)
+        after_parent = registry.blob_count()
         proc = ok(build_py(repo, "smoke-child"))
         version = builds(repo, "smoke-child")[-1]["custom_data"]["version"]
-        yield Pushed(repo, registry, version, after_parent, blob_count(registry), proc.stderr)
+        yield Pushed(repo, registry, version, after_parent, registry.blob_count(), proc.stderr)
 
 
 def test_child_oci_is_parents_image_plus_one_layer(pushed: Pushed) -> None:
-    parent = manifest(pushed.registry, "smoke", pushed.version)
-    child = manifest(pushed.registry, "smoke-child", pushed.version)
+    parent = pushed.registry.manifest("smoke", pushed.version)
+    child = pushed.registry.manifest("smoke-child", pushed.version)
     assert len(parent["layers"]) == 1 and len(child["layers"]) == 2
     assert child["layers"][0]["digest"] == parent["layers"][0]["digest"]
     assert child["layers"][1]["size"] < parent["layers"][0]["size"] / 4
